@@ -1,0 +1,54 @@
+"""Limits of the iteration-level scheduler, checked once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """How much work one step may carry and how much KV cache there is to carry it."""
+
+    num_kv_blocks: int  # size of the worker's KV pool (from its WorkerHello)
+    max_model_len: int  # prompt + outputs of one request never exceed this
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 128  # requests running at once
+    max_num_batched_tokens: int = 2048  # tokens computed in one step, prefill chunks and decodes
+    max_queued_requests: int = 1024  # waiting requests before add_request refuses more
+    # Fraction of the pool kept free when admitting a waiting request, so the running ones can
+    # grow a little before anyone has to be preempted.
+    watermark: float = 0.01
+    # Split prompts larger than the step's remaining budget across steps. Without it a prompt
+    # runs whole in one step, so the budget must hold the longest one.
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_kv_blocks",
+            "max_model_len",
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_queued_requests",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Otherwise a full batch of decodes (one token each) could never run in one step.
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs})"
+            )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
+                f"must be >= max_model_len ({self.max_model_len}), or long prompts never run"
+            )
+
+    @property
+    def watermark_blocks(self) -> int:
+        """Blocks an admission must leave free (while other requests are running)."""
+        return int(self.watermark * self.num_kv_blocks)

@@ -1,0 +1,90 @@
+"""A generation request as the scheduler sees it: token ids, sampling parameters, progress."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from scheduler_svc.protocol import SamplingOptions
+
+
+class RequestStatus(IntEnum):
+    """Lifecycle of a request; every FINISHED_* value sorts after the live ones."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2  # lost its KV blocks; waits at the front of the queue to be recomputed
+    FINISHED_STOPPED = 3  # eos, a stop token id, or a stop string (the engine checks those)
+    FINISHED_LENGTH = 4  # max_tokens or max_model_len reached
+    FINISHED_ABORTED = 5
+
+    @property
+    def is_finished(self) -> bool:
+        """True for the FINISHED_* states."""
+        return self >= RequestStatus.FINISHED_STOPPED
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """What the client asked for. Stop strings stay with the engine (they need detokenizing)."""
+
+    max_tokens: int
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no limit
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    def to_options(self) -> SamplingOptions:
+        """The part of the parameters the worker needs to sample a token."""
+        return SamplingOptions(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed
+        )
+
+
+@dataclass(slots=True, eq=False)  # an entity: two requests are the same only if identical
+class Request:
+    """One request's tokens and progress.
+
+    `num_computed_tokens` counts tokens whose K/V are in the cache (or are being computed by the
+    step just scheduled); the tokens after it are what the request still has to compute.
+    """
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = 0.0  # informational; scheduling order is the order of add_request
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    num_preemptions: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt then outputs, as a new list."""
+        return self.prompt_token_ids + self.output_token_ids

@@ -1,0 +1,310 @@
+"""Iteration-level scheduler: decides, every step, which tokens of which requests to compute.
+
+There are no prefill and decode phases. Each request has `num_computed_tokens`, and one token
+budget per step is shared, in arrival order, by the running requests (a decode token, or the next
+chunk of a prompt) and then by waiting requests admitted first-come first-served. When a running
+request needs a block and none is free, the latest-arrived running request is preempted by
+recompute: its blocks are freed and it waits at the front of the queue to start over.
+
+Arrival order is the order of `add_request`. Running requests always arrived before waiting ones
+(admission is FCFS and a preempted request goes back to the front), so both queues stay sorted
+by arrival without sorting: the running list's last entry is the latest arrival.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from scheduler_svc.block_manager import BlockManager
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.protocol import CachedRequest, NewRequest, StepPlan, StepResult
+from scheduler_svc.request import Request, RequestStatus
+from scheduler_svc.step_record import StepRecord
+
+
+class QueueFullError(RuntimeError):
+    """`max_queued_requests` requests are already waiting."""
+
+
+@dataclass(slots=True)
+class RequestUpdate:
+    """Tokens a request gained in one step, and its status after them."""
+
+    req_id: str
+    new_token_ids: list[int]
+    status: RequestStatus
+
+
+@dataclass(slots=True)
+class _Step:
+    """A step being scheduled: what is left of its budget and what it holds so far."""
+
+    record: StepRecord
+    token_budget: int
+    new_requests: list[NewRequest] = field(default_factory=list)
+    cached_requests: list[CachedRequest] = field(default_factory=list)
+
+
+class Scheduler:
+    """Owns every unfinished request and the KV block pool; see the module docstring."""
+
+    def __init__(self, config: SchedulerConfig, max_records: int = 10_000) -> None:
+        self.config = config
+        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.requests: dict[str, Request] = {}  # unfinished requests only
+        self.waiting: deque[Request] = deque()  # WAITING and PREEMPTED, in arrival order
+        self.running: list[Request] = []  # RUNNING (they hold blocks), in arrival order
+        self.records: deque[StepRecord] = deque(maxlen=max_records)
+        # Requests the worker knows but must drop; sent with the next plan that runs anything.
+        self._finished_req_ids: list[str] = []
+        self._next_step_id = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_request(self, req_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""
+        return self.requests.get(req_id)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request. Raises QueueFullError, or ValueError if it could never run."""
+        if request.req_id in self.requests:
+            raise ValueError(f"request {request.req_id!r} already exists")
+        if len(self.waiting) >= self.config.max_queued_requests:
+            raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
+        self._check_fits(request)
+        request.status = RequestStatus.WAITING
+        self.requests[request.req_id] = request
+        self.waiting.append(request)
+
+    def abort_requests(self, req_ids: Iterable[str]) -> None:
+        """Drop requests now; unknown and already finished ids are ignored."""
+        self.finish_requests(req_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish_requests(self, req_ids: Iterable[str], status: RequestStatus) -> None:
+        """Finish requests now (e.g. on a stop string), freeing their blocks for the next step."""
+        if not status.is_finished:
+            raise ValueError(f"{status.name} is not a finished status")
+        for req_id in req_ids:
+            request = self.requests.get(req_id)
+            if request is not None:
+                self._finish(request, status)
+
+    def schedule(self) -> StepPlan:
+        """Plan the next step; the worker applies `finished_req_ids` before `new_requests`.
+
+        When nothing can run the plan is empty, uses up no step id and need not be sent: the
+        finished ids it would carry stay pending for the next plan that runs something.
+        """
+        step = _Step(StepRecord(self._next_step_id), self.config.max_num_batched_tokens)
+        self._schedule_running(step)
+        # After a preemption the pool is short; admitting newcomers would only thrash it.
+        if not step.record.preempted_req_ids:
+            self._schedule_waiting(step)
+        return self._build_plan(step)
+
+    def update_from_output(self, plan: StepPlan, result: StepResult) -> list[RequestUpdate]:
+        """Append the tokens sampled in `plan`'s step, finishing requests that hit a stop.
+
+        Tokens of requests finished or aborted while the step ran are dropped. Updates come in
+        batch order; a request whose prefill chunk was partial gets none.
+        """
+        sampled = self._match_result(plan, result)
+        return [self._append_token(request, token_id) for request, token_id in sampled]
+
+    def _check_fits(self, request: Request) -> None:
+        if request.num_computed_tokens or request.output_token_ids:
+            raise ValueError(f"request {request.req_id!r} is not fresh")
+        if not 1 <= request.num_prompt_tokens <= self.config.max_model_len:
+            raise ValueError(
+                f"request {request.req_id!r} has {request.num_prompt_tokens} prompt tokens; "
+                f"need 1..{self.config.max_model_len}"
+            )
+        max_tokens = request.sampling_params.max_tokens
+        max_num_tokens = min(request.num_prompt_tokens + max_tokens, self.config.max_model_len)
+        num_blocks = self.block_manager.num_blocks
+        if self.block_manager.num_required_blocks(max_num_tokens) > num_blocks:
+            # Alone in the pool it would still run out of blocks, and FCFS would then stall.
+            raise ValueError(
+                f"request {request.req_id!r} may reach {max_num_tokens} tokens, more than the "
+                f"KV pool holds ({num_blocks} blocks of {self.config.block_size})"
+            )
+
+    def _schedule_running(self, step: _Step) -> None:
+        i = 0
+        while i < len(self.running) and step.token_budget > 0:
+            request = self.running[i]
+            num_new_tokens = self._num_new_tokens(request, step.token_budget)
+            if num_new_tokens == 0:
+                i += 1  # its last token is still being sampled
+                continue
+            new_block_ids = self._allocate_or_preempt(request, num_new_tokens, step)
+            if new_block_ids is None:
+                break  # it preempted itself, being the last running request
+            step.cached_requests.append(
+                CachedRequest(
+                    request.req_id, new_block_ids, request.num_computed_tokens, num_new_tokens
+                )
+            )
+            self._commit(request, num_new_tokens, step)
+            i += 1
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new_tokens: int, step: _Step
+    ) -> list[int] | None:
+        """New block ids for `request`, preempting later arrivals until they fit.
+
+        Returns None if `request` itself had to be preempted.
+        """
+        while (new_block_ids := self.block_manager.allocate_slots(request, num_new_tokens)) is None:
+            if len(self.running) == 1:
+                raise RuntimeError(
+                    f"request {request.req_id!r} cannot grow to "
+                    f"{request.num_computed_tokens + num_new_tokens} tokens even with the whole KV "
+                    f"pool; requests must be validated to fit it"
+                )
+            victim = self.running[-1]
+            self._preempt(victim, step)
+            if victim is request:
+                return None
+        return new_block_ids
+
+    def _preempt(self, request: Request, step: _Step) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self._finished_req_ids.append(request.req_id)
+        step.record.preempted_req_ids.append(request.req_id)
+
+    def _schedule_waiting(self, step: _Step) -> None:
+        while (
+            self.waiting
+            and step.token_budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            num_new_tokens = self._num_new_tokens(request, step.token_budget)
+            if num_new_tokens == 0:
+                break  # FCFS: nobody overtakes a request that does not fit
+            # The watermark is headroom for running requests to grow; with none it only blocks.
+            watermark_blocks = self.config.watermark_blocks if self.running else 0
+            if self.block_manager.allocate_slots(request, num_new_tokens, watermark_blocks) is None:
+                break
+            self.waiting.popleft()
+            self._admit(request, num_new_tokens, step)
+
+    def _admit(self, request: Request, num_new_tokens: int, step: _Step) -> None:
+        if request.status == RequestStatus.PREEMPTED:
+            step.record.resumed_req_ids.append(request.req_id)
+        else:
+            step.record.new_req_ids.append(request.req_id)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        step.new_requests.append(
+            NewRequest(
+                req_id=request.req_id,
+                token_ids=request.all_token_ids,
+                block_ids=self.block_manager.get_block_ids(request.req_id),
+                num_computed_tokens=request.num_computed_tokens,
+                num_new_tokens=num_new_tokens,
+                sampling=request.sampling_params.to_options(),
+            )
+        )
+        self._commit(request, num_new_tokens, step)
+
+    def _num_new_tokens(self, request: Request, token_budget: int) -> int:
+        """Tokens `request` can compute within `token_budget` (0: none this step)."""
+        num_remaining = request.num_tokens - request.num_computed_tokens
+        if num_remaining <= token_budget:
+            return num_remaining
+        return token_budget if self.config.enable_chunked_prefill else 0
+
+    def _commit(self, request: Request, num_new_tokens: int, step: _Step) -> None:
+        # Counted as computed once scheduled, so the next plan never schedules them twice.
+        request.num_computed_tokens += num_new_tokens
+        step.token_budget -= num_new_tokens
+        step.record.num_scheduled_tokens[request.req_id] = num_new_tokens
+
+    def _build_plan(self, step: _Step) -> StepPlan:
+        if not step.new_requests and not step.cached_requests:
+            # Nothing runs, so nothing is sent: finished ids wait for a step that is.
+            return StepPlan(self._next_step_id, [], [], [])
+        finished_req_ids, self._finished_req_ids = self._finished_req_ids, []
+        record = step.record
+        record.finished_req_ids = list(finished_req_ids)
+        record.num_free_blocks = self.block_manager.num_free_blocks
+        record.num_waiting = len(self.waiting)
+        record.num_running = len(self.running)
+        self.records.append(record)
+        self._next_step_id += 1
+        return StepPlan(record.step_id, step.new_requests, step.cached_requests, finished_req_ids)
+
+    def _match_result(self, plan: StepPlan, result: StepResult) -> list[tuple[Request, int]]:
+        """Pair each sampled token with its request, checking the result against the plan."""
+        if result.step_id != plan.step_id or len(result.req_ids) != len(result.token_ids):
+            raise ValueError(
+                f"result of step {result.step_id} ({len(result.req_ids)} ids, "
+                f"{len(result.token_ids)} tokens) does not answer plan {plan.step_id}"
+            )
+        tokens = dict(zip(result.req_ids, result.token_ids))
+        scheduled = [r.req_id for r in plan.new_requests] + [r.req_id for r in plan.cached_requests]
+        if unexpected := tokens.keys() - set(scheduled):
+            raise RuntimeError(f"the worker sampled for unscheduled requests {sorted(unexpected)}")
+        sampled = []
+        for req_id in scheduled:
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # finished or aborted while the step ran
+            should_sample = request.num_computed_tokens == request.num_tokens
+            if should_sample != (req_id in tokens):
+                raise RuntimeError(
+                    f"request {req_id!r} expected {'a' if should_sample else 'no'} sampled token "
+                    f"in step {plan.step_id}"
+                )
+            if should_sample:
+                sampled.append((request, tokens[req_id]))
+        return sampled
+
+    def _append_token(self, request: Request, token_id: int) -> RequestUpdate:
+        request.output_token_ids.append(token_id)
+        status = self._check_stop(request, token_id)
+        if status is not None:
+            self._finish(request, status)
+        return RequestUpdate(request.req_id, [token_id], request.status)
+
+    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        # A stop token wins over a length limit reached by the same token: the output is whole.
+        params = request.sampling_params
+        if token_id in params.stop_token_ids or (
+            not params.ignore_eos and token_id in request.eos_token_ids
+        ):
+            return RequestStatus.FINISHED_STOPPED
+        if (
+            request.num_output_tokens >= params.max_tokens
+            or request.num_tokens >= self.config.max_model_len
+        ):
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+            self.block_manager.free(request)
+            self._finished_req_ids.append(request.req_id)  # the worker holds its state
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        del self.requests[request.req_id]
