@@ -1,0 +1,55 @@
+"""Shared fixtures. The real default model is prepared and loaded at most once per session."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test (printed, so a failure can be replayed), applied to torch's global RNG."""
+    value = secrets.randbits(31)
+    print(f"seed={value}")
+    torch.manual_seed(value)
+    return value
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's torch ops on one thread: on a busy machine OpenMP workers that spin waiting
+    for a descheduled sibling make each op cost a time slice (10x slower tests on 2 shared cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The default model's local directory (dequantized into the Omnibus cache on first use)."""
+    from worker_svc.model_store import prepare_model
+
+    return prepare_model()
+
+
+@pytest.fixture(scope="session")
+def default_model(model_dir: Path):
+    """Our `LlamaForCausalLM` for the default model: float32, CPU, loaded once."""
+    from worker_svc.model_store import load_model
+
+    return load_model(model_dir, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def hf_default_model(model_dir: Path):
+    """Hugging Face's reference implementation of the default model (float32, eager attention)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Model implementations over the paged KV cache (`llama`: Llama, SmolLM2, Mistral, Qwen2)."""
