@@ -1,0 +1,79 @@
+"""`python -m worker_svc --scheduler tcp://HOST:PORT ...`: run one worker process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from worker_svc.model_store import DEFAULT_MODEL, LOAD_FORMATS
+from worker_svc.worker import WorkerConfig, run_worker
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m worker_svc", description=__doc__)
+    parser.add_argument("--scheduler", required=True, help="scheduler ROUTER address")
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="default model name, a .gguf file, or a model directory")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="KV pool size in blocks (default: from the memory budget)")
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0,
+                        help="KV pool budget on CPU")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of GPU memory for weights, activations and KV pool")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                        help="tokens in the CUDA memory-profiling step")
+    parser.add_argument("--load-format", default="auto", choices=list(LOAD_FORMATS))
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch CPU threads (default: every usable core)")
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "cuda", "torch"],
+                        help="auto: our CUDA kernels on a GPU, the torch reference elsewhere")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="exit when this process (the spawning scheduler) is gone")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    """Parsed command line -> a checked `WorkerConfig`."""
+    return WorkerConfig(
+        scheduler=args.scheduler,
+        rank=args.rank,
+        world_size=args.world_size,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        load_format=args.load_format,
+        heartbeat_interval=args.heartbeat_interval,
+        max_model_len=args.max_model_len,
+        num_threads=args.num_threads or len(os.sched_getaffinity(0)),
+        attention_backend=args.attention_backend,
+        parent_pid=args.parent_pid,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s worker-{args.rank} %(name)s: %(message)s",
+    )
+    return run_worker(config_from_args(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Executes one `StepPlan`: update request state, run the model on one flattened batch, sample."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from scheduler_svc.protocol import SamplingOptions, StepPlan, StepResult
+from worker_svc.attention_metadata import AttentionMetadata
+from worker_svc.input_batch import InputBatch, prepare_inputs, to_device
+from worker_svc.kv_cache import KVCaches
+from worker_svc.models.llama import LlamaForCausalLM
+from worker_svc.request_state import RequestStates, ScheduledRequest
+from worker_svc.sampler import Sampler
+
+# Exercises the sampler's widest path (sort for top-k/top-p) during memory profiling.
+_PROFILE_SAMPLING = SamplingOptions(temperature=1.0, top_k=50, top_p=0.9)
+
+
+class ModelRunner:
+    """Owns the model, the KV pool, the per-request state and the sampler of one worker."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: KVCaches,
+        block_size: int,
+        device: torch.device | str,
+        rank: int = 0,
+        *,
+        max_model_len: int | None = None,
+        sampler_seed: int | None = None,
+    ) -> None:
+        if len(kv_caches) != model.num_layers:
+            raise ValueError(f"{len(kv_caches)} KV cache layers for a {model.num_layers}-layer model")
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.rank = rank
+        self.num_blocks = kv_caches[0][0].shape[0]
+        self.requests = RequestStates(block_size, self.num_blocks, max_model_len)
+        self.sampler = Sampler(self.device, seed=sampler_seed)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step and return the sampled tokens, in batch order.
+
+        Raises `PlanError` when the plan disagrees with the worker. On any failure the request
+        state is as before the plan, except that its finished requests are dropped.
+        """
+        started = time.perf_counter()
+        scheduled = self.requests.apply(plan)
+        req_ids: list[str] = []
+        token_ids: list[int] = []
+        try:
+            if scheduled:
+                req_ids, token_ids = self._run(scheduled)
+        except BaseException:
+            # Back to the state the scheduler still believes in (it advances nothing on a
+            # failed step), so later plans keep agreeing with ours.
+            self.requests.undo(plan)
+            raise
+        return StepResult(
+            step_id=plan.step_id,
+            rank=self.rank,
+            req_ids=req_ids,
+            token_ids=token_ids,
+            execute_time_s=time.perf_counter() - started,
+        )
+
+    def _run(self, scheduled: list[ScheduledRequest]) -> tuple[list[str], list[int]]:
+        batch = prepare_inputs(scheduled, self.block_size)
+        sampled = self._forward_and_sample(batch)
+        self.requests.advance(scheduled, sampled)
+        return batch.sample_req_ids, sampled
+
+    @torch.inference_mode()
+    def _forward_and_sample(self, batch: InputBatch) -> list[int]:
+        input_ids, positions = batch.model_inputs(self.device)
+        attn = batch.attention_metadata(self.device)
+        hidden = self.model(input_ids, positions, self.kv_caches, attn)
+        if batch.logits_indices.size == 0:
+            return []
+        logits_indices = to_device(batch.logits_indices, self.device)
+        logits = self.model.compute_logits(hidden[logits_indices])
+        tokens = self.sampler.sample(logits, batch.sampling, batch.sample_positions)
+        return tokens.tolist()
+
+    @torch.inference_mode()
+    def profile_step(self, num_tokens: int, max_num_sampled: int = 256) -> None:
+        """Run a step as large as any the worker should see, to measure peak activation memory.
+
+        Meant for a throwaway pool: the dummy sequences all share its first blocks, each as long
+        as the pool (and max_model_len) allows. Samples `max_num_sampled` rows with top-k/top-p so
+        the sampler's sort is part of the peak.
+        """
+        seq_len = min(num_tokens, self.num_blocks * self.block_size,
+                      self.requests.max_model_len or num_tokens)
+        num_full, rest = divmod(num_tokens, seq_len)
+        query_lens = [seq_len] * num_full + ([rest] if rest else [])
+        table = list(range(-(-seq_len // self.block_size)))
+        attn = AttentionMetadata.build([table] * len(query_lens), query_lens, query_lens,
+                                       self.block_size, self.device)
+        positions = torch.cat([torch.arange(n) for n in query_lens]).to(self.device)
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        hidden = self.model(input_ids, positions, self.kv_caches, attn)
+        rows = min(num_tokens, max_num_sampled)
+        logits = self.model.compute_logits(hidden[:rows])
+        self.sampler.sample(logits, [_PROFILE_SAMPLING] * rows, [0] * rows)

@@ -1,0 +1,311 @@
+"""The worker process: load the model, size the KV pool, then serve StepPlans over ZeroMQ.
+
+A DEALER socket (identity `worker-<rank>`) talks to the scheduler's ROUTER: `WorkerHello` once,
+then one `StepResult` or `WorkerError` per `StepPlan`. A second DEALER (`worker-<rank>-hb`), owned
+by a heartbeat thread, beats while long steps run (torch releases the GIL inside its kernels).
+Messages are msgspec msgpack, never pickle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from scheduler_svc import protocol
+from kernels.reference import AttentionOps
+from worker_svc.kv_cache import (
+    KVCacheSpec,
+    allocate_kv_caches,
+    cpu_num_blocks,
+    cuda_num_blocks,
+)
+from worker_svc.model_runner import ModelRunner
+from worker_svc.model_store import DEFAULT_MODEL, load_model, model_fingerprint, prepare_model
+from worker_svc.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class WorkerConfig:
+    """Everything `python -m worker_svc` accepts; checked at construction."""
+
+    scheduler: str  # ZeroMQ address of the scheduler's ROUTER, e.g. tcp://127.0.0.1:5555
+    rank: int = 0
+    world_size: int = 1
+    model: str = DEFAULT_MODEL  # default name, .gguf file or model directory
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # overrides the memory budget below
+    kv_cache_memory_gb: float = 2.0  # CPU budget
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of total memory the worker may use
+    max_num_batched_tokens: int = 8192  # size of the CUDA profiling step
+    load_format: str = "auto"  # auto | safetensors | random
+    heartbeat_interval: float = 1.0
+    max_model_len: int | None = None  # defaults to the model's
+    num_threads: int | None = None  # CPU torch threads; default: every usable core
+    attention_backend: str = "auto"  # auto (CUDA kernels on a GPU) | cuda | torch
+    parent_pid: int | None = None  # exit when this process (the scheduler that spawned us) is gone
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+        if self.world_size != 1:
+            # Ranks would each run the whole model and sample on their own: refuse, not pretend.
+            raise ValueError("tensor parallelism is not implemented yet: world_size must be 1")
+        if self.attention_backend not in ("auto", "cuda", "torch"):
+            raise ValueError(f"attention_backend {self.attention_backend!r} is not auto, cuda or torch")
+        if self.block_size <= 0 or self.heartbeat_interval <= 0:
+            raise ValueError("block_size and heartbeat_interval must be positive")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not auto or one of {sorted(_DTYPES)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError("num_kv_blocks must be positive")
+
+    @property
+    def identity(self) -> bytes:
+        return f"worker-{self.rank}".encode()
+
+
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    """`auto` is CUDA when available; a bare `cuda` picks the GPU of this rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is float32 on CPU (bf16 matmuls are slow there) and bfloat16 on CUDA."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def build_runner(config: WorkerConfig) -> tuple[ModelRunner, protocol.WorkerHello]:
+    """Load the model, allocate the KV pool and describe the worker to the scheduler."""
+    started = time.perf_counter()
+    device = resolve_device(config.device, config.rank)
+    dtype = resolve_dtype(config.dtype, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model_dir = prepare_model(config.model, config.load_format)
+    attn_ops = attention_ops(config.attention_backend, device)
+    model = load_model(model_dir, device, dtype, config.load_format, attn_ops)
+    max_model_len = _max_model_len(model, config.max_model_len)
+    spec = KVCacheSpec(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim,
+                       dtype)
+    num_blocks = _num_kv_blocks(config, model, spec, device, max_model_len)
+    kv_caches = allocate_kv_caches(spec, num_blocks, device)
+    runner = ModelRunner(model, kv_caches, config.block_size, device, config.rank,
+                         max_model_len=max_model_len)
+    hello = protocol.WorkerHello(
+        protocol_version=protocol.PROTOCOL_VERSION,
+        rank=config.rank,
+        world_size=config.world_size,
+        pid=os.getpid(),
+        num_kv_blocks=num_blocks,
+        block_size=config.block_size,
+        model_fingerprint=model_fingerprint(model_dir, config.load_format),
+        max_model_len=max_model_len,
+        vocab_size=model.vocab_size,
+        device=str(device),
+        dtype=dtype_name(dtype),
+    )
+    logger.info(
+        "worker %d ready: model %s, device %s, dtype %s, %d KV blocks of %d tokens "
+        "(%.2f GiB), max_model_len %d, loaded in %.1fs",
+        config.rank, model_dir, hello.device, hello.dtype, num_blocks, config.block_size,
+        num_blocks * spec.bytes_per_block / (1 << 30), max_model_len,
+        time.perf_counter() - started,
+    )
+    return runner, hello
+
+
+def attention_ops(backend: str, device: torch.device) -> AttentionOps:
+    """Our CUDA kernels on a GPU (`auto` falls back to torch without CuPy), else the reference."""
+    if backend == "torch" or device.type != "cuda":
+        if backend == "cuda":
+            raise ValueError("the cuda attention backend needs a CUDA device")
+        return AttentionOps()
+    try:
+        import cupy  # noqa: F401  (the kernels load through it, lazily)
+    except ImportError as error:
+        if backend == "cuda":
+            raise
+        logger.warning("CuPy is unavailable (%s); using the torch reference attention", error)
+        return AttentionOps()
+    from kernels.cuda_ops import cuda_attention_ops
+
+    return cuda_attention_ops()
+
+
+def _max_model_len(model: LlamaForCausalLM, requested: int | None) -> int:
+    if requested is None:
+        return model.max_model_len
+    if not 0 < requested <= model.max_model_len:
+        raise ValueError(f"max_model_len {requested} must be in [1, {model.max_model_len}]")
+    return requested
+
+
+def _num_kv_blocks(config: WorkerConfig, model: LlamaForCausalLM, spec: KVCacheSpec,
+                   device: torch.device, max_model_len: int) -> int:
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    if device.type != "cuda":
+        return cpu_num_blocks(spec, config.kv_cache_memory_gb)
+    # Profile with a throwaway pool just big enough for one maximal sequence.
+    seq_tokens = min(config.max_num_batched_tokens, max_model_len)
+    scratch = allocate_kv_caches(spec, -(-seq_tokens // spec.block_size), device)
+    profiler = ModelRunner(model, scratch, spec.block_size, device, max_model_len=max_model_len)
+    num_blocks = cuda_num_blocks(
+        spec, device, config.gpu_memory_utilization,
+        lambda: profiler.profile_step(config.max_num_batched_tokens),
+    )
+    del profiler, scratch
+    torch.cuda.empty_cache()
+    return num_blocks
+
+
+class Worker:
+    """Serves one scheduler connection until `Shutdown`, a signal or a fatal device error."""
+
+    def __init__(self, config: WorkerConfig, runner: ModelRunner,
+                 hello: protocol.WorkerHello) -> None:
+        self.config = config
+        self.runner = runner
+        self.hello = hello
+
+    def serve(self, context: zmq.Context) -> int:
+        """Connect, register, and answer plans; returns the process exit code."""
+        stop = threading.Event()
+        heartbeat = threading.Thread(
+            target=heartbeat_loop, name="heartbeat", daemon=True,
+            args=(context, self.config, stop),
+        )
+        socket = _dealer(context, self.config.identity, self.config.scheduler)
+        try:
+            socket.send(protocol.encode(self.hello))
+            heartbeat.start()
+            return self._loop(socket)
+        finally:
+            stop.set()
+            if heartbeat.is_alive():
+                heartbeat.join(timeout=2.0)
+            socket.close(linger=0)
+
+    def _loop(self, socket: zmq.Socket) -> int:
+        while True:
+            # A DEALER receives the ROUTER's payload without the identity; tolerate an empty
+            # delimiter frame in front of it.
+            frame = socket.recv_multipart()[-1]
+            try:
+                message = protocol.decode_for_worker(frame)
+            except Exception as exc:  # a malformed frame must not kill the worker
+                logger.error("undecodable message from the scheduler: %s", exc)
+                socket.send(protocol.encode(self._error(-1, exc)))
+                continue
+            if isinstance(message, protocol.Shutdown):
+                logger.info("worker %d shutting down: %s", self.config.rank,
+                            message.reason or "requested")
+                return 0
+            reply, fatal = self._execute(message)
+            socket.send(protocol.encode(reply))
+            if fatal:
+                return 1
+
+    def _execute(self, plan: protocol.StepPlan) -> tuple[protocol.StepResult | protocol.WorkerError,
+                                                          bool]:
+        try:
+            return self.runner.execute(plan), False
+        except Exception as exc:
+            logger.exception("step %d failed", plan.step_id)
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()  # recoverable: hand the failed step's memory back
+            # After a device-side fault the CUDA context is unusable: report, then exit non-zero
+            # so the supervisor restarts the worker instead of failing every later step.
+            return self._error(plan.step_id, exc), _is_fatal(exc)
+
+    def _error(self, step_id: int, exc: Exception) -> protocol.WorkerError:
+        return protocol.WorkerError(rank=self.config.rank, step_id=step_id,
+                                    message=f"{type(exc).__name__}: {exc}")
+
+
+def heartbeat_loop(context: zmq.Context, config: WorkerConfig, stop: threading.Event) -> None:
+    """Send `Heartbeat` every interval from this thread's own socket until `stop` is set."""
+    socket = _dealer(context, config.identity + b"-hb", config.scheduler)
+    beat = protocol.encode(protocol.Heartbeat(rank=config.rank, pid=os.getpid()))
+    try:
+        while not stop.is_set():
+            try:
+                # Never block: with the scheduler gone, beats past the HWM are simply dropped.
+                socket.send(beat, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            if config.parent_pid is not None and os.getppid() != config.parent_pid:
+                # Orphaned: the scheduler that spawned us died without a Shutdown.
+                logger.error("worker %d: parent %d is gone; exiting", config.rank, config.parent_pid)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            stop.wait(config.heartbeat_interval)
+    finally:
+        socket.close(linger=0)
+
+
+def _dealer(context: zmq.Context, identity: bytes, address: str) -> zmq.Socket:
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.IDENTITY, identity)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(address)
+    return socket
+
+
+def _is_fatal(exc: Exception) -> bool:
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(exc, accelerator_error) or (
+        isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
+    )
+
+
+class _Terminated(BaseException):
+    """Raised from a signal handler to unwind the main thread promptly.
+
+    A BaseException so that the step loop's `except Exception` cannot swallow it.
+    """
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated(signal.Signals(signum).name)
+
+
+def run_worker(config: WorkerConfig) -> int:
+    """Run a worker process to completion; returns its exit code (0 on Shutdown or a signal)."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _raise_terminated)
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    context = zmq.Context()
+    try:
+        runner, hello = build_runner(config)
+        return Worker(config, runner, hello).serve(context)
+    except _Terminated as exc:
+        logger.info("worker %d stopped by %s", config.rank, exc)
+        return 0
+    finally:
+        context.destroy(linger=0)
