@@ -1,0 +1,208 @@
+"""The `omnibus` command: serve, scheduler, worker, generate, chat.
+
+`serve` runs the scheduler in this process and spawns its worker; `scheduler` and `worker` run one
+side alone (compose, multi-host). This module imports no torch: the worker is a child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_TARGET = "localhost:50051"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:  # the worker owns its flags (python -m worker_svc --help)
+        os.execv(sys.executable, [sys.executable, "-m", "worker_svc", *argv[1:]])
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omnibus", description="Omnibus LLM serving engine")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the scheduler and its worker on this machine")
+    _add_scheduler_flags(serve)
+    _add_worker_flags(serve)
+    serve.set_defaults(run=_run_serve)
+    scheduler = commands.add_parser("scheduler", help="run the scheduler alone; workers connect to it")
+    _add_scheduler_flags(scheduler)
+    scheduler.add_argument("--worker-bind", default="tcp://0.0.0.0:5557", help="ZeroMQ endpoint workers connect to")
+    scheduler.set_defaults(run=_run_scheduler)
+    commands.add_parser("worker", help="run one worker (flags: omnibus worker --help)")
+    for name, chat in (("generate", False), ("chat", True)):
+        client = commands.add_parser(name, help="stream a chat reply" if chat else "stream a completion")
+        _add_client_flags(client)
+        client.set_defaults(run=_run_generate, chat=chat)
+    return parser
+
+
+def _add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="default model name, a .gguf file, or a HF checkpoint directory")
+    parser.add_argument("--max-num-seqs", type=int, default=128, help="most sequences in one step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    parser.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
+    parser.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
+    parser.add_argument("--heartbeat-timeout", type=float, default=15.0, help="seconds without a worker heartbeat before it is declared dead")
+
+
+def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: from memory)")
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=None, help="CPU: memory for the KV pool")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None, help="CUDA: fraction of GPU memory to use")
+    parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "random"], help="random: random weights for the config")
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "cuda", "torch"],
+                        help="auto: our CUDA kernels on a GPU, the torch reference elsewhere")
+
+
+def _add_client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="prompt text (chat: the user message)")
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="server address")
+    parser.add_argument("--system", default=None, help="chat: a system message")
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+
+
+def prepare_model_dir(spec: str) -> Path:
+    """Resolve a model spec to a local directory, dequantizing a GGUF once (in a child process)."""
+    if Path(spec).is_dir():
+        return Path(spec)
+    command = [sys.executable, "-m", "worker_svc.model_store", "prepare", "--model", spec]
+    output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return Path(output.strip().splitlines()[-1])
+
+
+def worker_command(args: argparse.Namespace, endpoint: str, model_dir: Path, rank: int = 0) -> list[str]:
+    command = [sys.executable, "-m", "worker_svc", "--scheduler", endpoint, "--rank", str(rank),
+               "--world-size", "1", "--model", str(model_dir), "--device", args.device, "--dtype", args.dtype,
+               "--block-size", str(args.block_size), "--load-format", args.load_format,
+               "--attention-backend", args.attention_backend, "--parent-pid", str(os.getpid())]
+    for flag in ("num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "max_model_len"):
+        value = getattr(args, flag)
+        if value is not None:
+            command += [f"--{flag.replace('_', '-')}", str(value)]
+    return command
+
+
+def _serving_options(args: argparse.Namespace, model_dir: Path, **overrides):
+    from scheduler_svc.app import ServingOptions
+
+    return ServingOptions(
+        model_dir=model_dir,
+        model_id=Path(args.model).stem if args.model != DEFAULT_MODEL else DEFAULT_MODEL,
+        host=args.host,
+        port=args.port,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_queued_requests=args.max_queued_requests,
+        enable_chunked_prefill=not args.no_chunked_prefill,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        **overrides,
+    )
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    model_dir = prepare_model_dir(args.model)
+
+    def spawn(endpoint: str) -> list[subprocess.Popen]:
+        return [subprocess.Popen(worker_command(args, endpoint, model_dir))]
+
+    return asyncio.run(_serve_until_signal(_serving_options(args, model_dir), spawn))
+
+
+def _run_scheduler(args: argparse.Namespace) -> int:
+    model_dir = prepare_model_dir(args.model)
+    options = _serving_options(args, model_dir, worker_bind=args.worker_bind)
+    return asyncio.run(_serve_until_signal(options, None))
+
+
+async def _serve_until_signal(options, spawn) -> int:
+    from scheduler_svc.app import ServingApp
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    app = ServingApp(options)
+    starting = asyncio.create_task(app.start(spawn))
+    stopping = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if starting in done and starting.exception() is not None:
+        logging.getLogger("omnibus").error("startup failed: %s", starting.exception())
+        code = 1
+    elif starting in done:
+        await stopping
+    starting.cancel()
+    logging.getLogger("omnibus").info("stopping")
+    await app.stop()
+    return code
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from clients.client import OmnibusClient, Sampling, build_request
+
+    sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    if args.chat:
+        turns = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
+        request = build_request(messages=turns, sampling=sampling)
+    else:
+        request = build_request(args.prompt, sampling=sampling)
+    client = OmnibusClient(args.target)
+    start, first, last = time.monotonic(), None, None
+    try:
+        for response in client.generate(request):
+            first = first or time.monotonic()
+            sys.stdout.write(response.text)
+            sys.stdout.flush()
+            last = response
+    except grpc.RpcError as error:
+        print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    _print_stats(start, first, last)
+    return 0
+
+
+def _print_stats(start: float, first: float | None, last) -> None:
+    end = time.monotonic()
+    if last is None:
+        return
+    tokens = last.usage.completion_tokens
+    decode_s = end - (first or end)
+    rate = (tokens - 1) / decode_s if tokens > 1 and decode_s > 0 else float("nan")
+    from omnibus.v1 import generation_pb2 as pb
+
+    print(f"\n[{pb.FinishReason.Name(last.finish_reason)}] {last.usage.prompt_tokens} prompt + {tokens} "
+          f"completion tokens; first token {first - start:.3f} s; {rate:.1f} tokens/s after it", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Conversion between the public protobuf messages and the scheduler's dataclasses.
+
+Parsing validates every field a client controls and raises `InvalidArgument` naming the field, so
+the server can answer `INVALID_ARGUMENT` with a message a user can act on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from omnibus.v1 import generation_pb2 as pb
+from scheduler_svc.request import RequestStatus, SamplingParams
+from scheduler_svc.tokenizer import ChatTurn, ModelTokenizer
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class InvalidArgument(ValueError):
+    """A client error in one named field of the request."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(slots=True, frozen=True)
+class ModelLimits:
+    """What a request is checked against: the model's and the KV pool's sizes."""
+
+    vocab_size: int
+    max_model_len: int
+    kv_capacity_tokens: int  # tokens the whole KV pool holds; one request may not need more
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    client_request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+def parse_generate_request(
+    request: pb.GenerateRequest, tokenizer: ModelTokenizer, limits: ModelLimits
+) -> ParsedRequest:
+    """Validate a GenerateRequest and tokenize its input."""
+    prompt_token_ids = _prompt_token_ids(request, tokenizer, limits)
+    sampling = _sampling_params(request.sampling, len(prompt_token_ids), limits)
+    return ParsedRequest(request.request_id, prompt_token_ids, sampling)
+
+
+def parse_chat_turns(messages) -> list[ChatTurn]:
+    turns = []
+    for index, message in enumerate(messages):
+        if not message.role:
+            raise InvalidArgument(f"messages[{index}].role", "must not be empty")
+        turns.append(ChatTurn(message.role, message.content))
+    return turns
+
+
+def _prompt_token_ids(
+    request: pb.GenerateRequest, tokenizer: ModelTokenizer, limits: ModelLimits
+) -> list[int]:
+    given = [name for name, present in (
+        ("prompt", request.HasField("prompt")),
+        ("prompt_token_ids", len(request.prompt_token_ids) > 0),
+        ("messages", len(request.messages) > 0),
+    ) if present]
+    if len(given) != 1:
+        detail = "none was given" if not given else f"got {' and '.join(given)}"
+        raise InvalidArgument("prompt", f"exactly one of prompt, prompt_token_ids, messages is required ({detail})")
+    if given[0] == "prompt":
+        if not request.prompt:
+            raise InvalidArgument("prompt", "must not be empty")
+        token_ids = tokenizer.encode(request.prompt)
+    elif given[0] == "messages":
+        try:
+            token_ids = tokenizer.encode_chat(parse_chat_turns(request.messages))
+        except ValueError as error:
+            if isinstance(error, InvalidArgument):
+                raise
+            raise InvalidArgument("messages", str(error)) from None
+    else:
+        token_ids = list(request.prompt_token_ids)
+        bad = next((t for t in token_ids if t >= limits.vocab_size), None)
+        if bad is not None:
+            raise InvalidArgument("prompt_token_ids", f"token id {bad} is not below the vocabulary size {limits.vocab_size}")
+    if not token_ids:
+        raise InvalidArgument(given[0], "encodes to no tokens")
+    if len(token_ids) >= limits.max_model_len:
+        raise InvalidArgument(
+            given[0], f"{len(token_ids)} prompt tokens leave no room in the model's context of {limits.max_model_len}"
+        )
+    return token_ids
+
+
+def _sampling_params(sampling: pb.SamplingParams, num_prompt_tokens: int, limits: ModelLimits) -> SamplingParams:
+    room = min(limits.max_model_len, limits.kv_capacity_tokens) - num_prompt_tokens
+    if sampling.HasField("max_tokens"):
+        max_tokens = sampling.max_tokens
+        if max_tokens == 0:
+            raise InvalidArgument("sampling.max_tokens", "must be at least 1")
+        if num_prompt_tokens + max_tokens > limits.max_model_len:
+            raise InvalidArgument(
+                "sampling.max_tokens",
+                f"{num_prompt_tokens} prompt tokens + {max_tokens} new tokens exceed the model's context of {limits.max_model_len}",
+            )
+        if num_prompt_tokens + max_tokens > limits.kv_capacity_tokens:
+            raise InvalidArgument(
+                "sampling.max_tokens",
+                f"{num_prompt_tokens} prompt tokens + {max_tokens} new tokens exceed the KV cache's capacity of {limits.kv_capacity_tokens} tokens",
+            )
+    else:
+        if room < 1:
+            raise InvalidArgument("prompt", f"{num_prompt_tokens} prompt tokens exceed the KV cache's capacity of {limits.kv_capacity_tokens} tokens")
+        max_tokens = min(DEFAULT_MAX_TOKENS, room)
+    temperature = sampling.temperature if sampling.HasField("temperature") else 0.0
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidArgument("sampling.temperature", f"must be a finite number >= 0, got {temperature}")
+    top_p = sampling.top_p if sampling.HasField("top_p") else 1.0
+    if not (0.0 < top_p <= 1.0):
+        raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {top_p}")
+    top_k = sampling.top_k if sampling.HasField("top_k") else 0
+    if top_k < 0:
+        raise InvalidArgument("sampling.top_k", f"must be >= 0 (0 = no limit), got {top_k}")
+    bad_stop = next((t for t in sampling.stop_token_ids if t >= limits.vocab_size), None)
+    if bad_stop is not None:
+        raise InvalidArgument("sampling.stop_token_ids", f"token id {bad_stop} is not below the vocabulary size {limits.vocab_size}")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=sampling.seed if sampling.HasField("seed") else None,
+        stop=[s for s in sampling.stop if s],
+        stop_token_ids=list(sampling.stop_token_ids),
+        ignore_eos=sampling.ignore_eos,
+    )
+
+
+def finish_reason(status: RequestStatus | None) -> int:
+    if status == RequestStatus.FINISHED_STOPPED:
+        return pb.FINISH_REASON_STOP
+    if status == RequestStatus.FINISHED_LENGTH:
+        return pb.FINISH_REASON_LENGTH
+    return pb.FINISH_REASON_UNSPECIFIED
+
+
+def generate_response(
+    request_id: str,
+    token_ids: list[int],
+    text: str,
+    status: RequestStatus | None,
+    usage: tuple[int, int] | None,
+) -> pb.GenerateResponse:
+    response = pb.GenerateResponse(
+        request_id=request_id, token_ids=token_ids, text=text, finish_reason=finish_reason(status)
+    )
+    if usage is not None:
+        response.usage.prompt_tokens, response.usage.completion_tokens = usage
+    return response

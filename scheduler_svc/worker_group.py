@@ -1,0 +1,234 @@
+"""The scheduler's side of the ZeroMQ link to its workers.
+
+One ROUTER socket: workers connect DEALERs, register with a `WorkerHello`, answer each `StepPlan`
+with a `StepResult`, and send heartbeats from a second DEALER. A monitor task declares the group
+dead when a worker process we spawned exits or a worker's heartbeats stop; a pending step then
+fails at once with `WorkerDiedError` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from scheduler_svc import protocol
+from scheduler_svc.protocol import Heartbeat, StepPlan, StepResult, WorkerError, WorkerHello
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker exited or stopped answering; the engine cannot make progress."""
+
+
+class WorkerStepError(RuntimeError):
+    """A worker reported an exception while executing a plan."""
+
+
+class WorkerRegistrationError(RuntimeError):
+    """Workers did not register in time, or disagree about the model or the protocol."""
+
+
+@dataclass(slots=True)
+class _Worker:
+    hello: WorkerHello
+    identity: bytes
+    last_seen: float
+
+
+@dataclass(slots=True)
+class _PendingStep:
+    plan_step_id: int
+    results: dict[int, StepResult] = field(default_factory=dict)
+    future: asyncio.Future | None = None
+
+
+class WorkerGroup:
+    """Registers `world_size` workers and runs plans on all of them, one step at a time."""
+
+    def __init__(self, bind_addr: str, world_size: int = 1, heartbeat_timeout_s: float = 15.0):
+        self.world_size = world_size
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, not vanish
+        self._socket.bind(bind_addr)
+        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._workers: dict[int, _Worker] = {}
+        self._heartbeats: dict[int, float] = {}
+        self._processes: list[subprocess.Popen] = []
+        self._pending: _PendingStep | None = None
+        self._registered = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.dead_reason: str | None = None
+
+    @property
+    def hellos(self) -> list[WorkerHello]:
+        return [self._workers[rank].hello for rank in sorted(self._workers)]
+
+    def watch_process(self, process: subprocess.Popen) -> None:
+        """Treat this worker process's exit as the group's death."""
+        self._processes.append(process)
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(), name="worker-recv"),
+            asyncio.create_task(self._monitor_loop(), name="worker-monitor"),
+        ]
+
+    async def wait_registered(self, timeout_s: float) -> list[WorkerHello]:
+        """Wait for every rank's hello; checks they agree on model, blocks and protocol."""
+        try:
+            await asyncio.wait_for(self._registered.wait(), timeout_s)
+        except TimeoutError:
+            raise WorkerRegistrationError(
+                f"{len(self._workers)} of {self.world_size} workers registered within {timeout_s:.0f} s"
+            ) from None
+        if self.dead_reason is not None:
+            raise WorkerDiedError(self.dead_reason)
+        return _check_agreement(self.hellos)
+
+    async def execute(self, plan: StepPlan) -> StepResult:
+        """Send the plan to every worker; rank 0's result is authoritative."""
+        if self.dead_reason is not None:
+            raise WorkerDiedError(self.dead_reason)
+        pending = _PendingStep(plan.step_id, future=asyncio.get_running_loop().create_future())
+        self._pending = pending
+        frame = protocol.encode(plan)
+        try:
+            for worker in self._workers.values():
+                await self._socket.send_multipart([worker.identity, frame])
+        except zmq.ZMQError as error:
+            self._declare_dead(f"could not send a plan to a worker: {error}")
+        try:
+            return await pending.future
+        finally:
+            self._pending = None
+
+    async def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Ask workers to exit, wait for spawned processes, then close the socket."""
+        frame = protocol.encode(protocol.Shutdown(reason="scheduler stopping"))
+        for worker in list(self._workers.values()):
+            try:
+                await self._socket.send_multipart([worker.identity, frame], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # already gone
+        await asyncio.to_thread(_reap, self._processes, timeout_s)
+        self.close()
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._socket.close(linger=0)
+        self._context.term()
+
+    async def _receive_loop(self) -> None:
+        while True:
+            identity, frame = await self._socket.recv_multipart()
+            try:
+                message = protocol.decode_for_scheduler(frame)
+            except Exception as error:  # a malformed frame must not stop the scheduler
+                logger.error("dropping undecodable frame from %r: %s", identity, error)
+                continue
+            self._handle(identity, message)
+
+    def _handle(self, identity: bytes, message) -> None:
+        now = time.monotonic()
+        if isinstance(message, Heartbeat):
+            self._heartbeats[message.rank] = now
+        elif isinstance(message, WorkerHello):
+            self._register(identity, message, now)
+        elif isinstance(message, StepResult):
+            self._heartbeats[message.rank] = now
+            self._collect(message)
+        elif isinstance(message, WorkerError):
+            self._heartbeats[message.rank] = now
+            self._fail_pending(message.step_id, WorkerStepError(f"worker {message.rank}: {message.message}"))
+
+    def _register(self, identity: bytes, hello: WorkerHello, now: float) -> None:
+        if hello.rank in self._workers:
+            self._declare_dead(f"worker rank {hello.rank} registered twice (restarted?)")
+            return
+        if hello.protocol_version != protocol.PROTOCOL_VERSION:
+            self._declare_dead(
+                f"worker rank {hello.rank} speaks protocol {hello.protocol_version}, "
+                f"scheduler speaks {protocol.PROTOCOL_VERSION}"
+            )
+            return
+        self._workers[hello.rank] = _Worker(hello, identity, now)
+        self._heartbeats[hello.rank] = now
+        logger.info("worker %d registered: pid %d, %s %s, %d KV blocks of %d tokens",
+                    hello.rank, hello.pid, hello.device, hello.dtype, hello.num_kv_blocks, hello.block_size)
+        if len(self._workers) == self.world_size:
+            self._registered.set()
+
+    def _collect(self, result: StepResult) -> None:
+        pending = self._pending
+        if pending is None or result.step_id != pending.plan_step_id:
+            logger.warning("ignoring result of step %d from rank %d", result.step_id, result.rank)
+            return
+        pending.results[result.rank] = result
+        if len(pending.results) == len(self._workers) and not pending.future.done():
+            pending.future.set_result(pending.results[0])
+
+    def _fail_pending(self, step_id: int | None, error: Exception) -> None:
+        pending = self._pending
+        if pending is None or pending.future.done():
+            return
+        if step_id is None or step_id == pending.plan_step_id:
+            pending.future.set_exception(error)
+
+    async def _monitor_loop(self) -> None:
+        while self.dead_reason is None:
+            await asyncio.sleep(0.2)
+            reason = self._find_death()
+            if reason is not None:
+                self._declare_dead(reason)
+
+    def _find_death(self) -> str | None:
+        for process in self._processes:
+            code = process.poll()
+            if code is not None:
+                return f"worker process {process.pid} exited with code {code}"
+        now = time.monotonic()
+        for rank, seen in self._heartbeats.items():
+            if now - seen > self.heartbeat_timeout_s:
+                return f"worker rank {rank} sent no heartbeat for {now - seen:.1f} s"
+        return None
+
+    def _declare_dead(self, reason: str) -> None:
+        if self.dead_reason is None:
+            self.dead_reason = reason
+            logger.error("worker group is dead: %s", reason)
+        self._registered.set()  # wake a registration wait so it can report the death
+        self._fail_pending(None, WorkerDiedError(self.dead_reason))
+
+
+def _check_agreement(hellos: list[WorkerHello]) -> list[WorkerHello]:
+    first = hellos[0]
+    for hello in hellos[1:]:
+        for name in ("model_fingerprint", "block_size", "vocab_size", "world_size"):
+            if getattr(hello, name) != getattr(first, name):
+                raise WorkerRegistrationError(
+                    f"workers disagree on {name}: rank 0 has {getattr(first, name)!r}, "
+                    f"rank {hello.rank} has {getattr(hello, name)!r}"
+                )
+    return hellos
+
+
+def _reap(processes: list[subprocess.Popen], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("worker %d did not exit in time; killing it", process.pid)
+            process.kill()
+            process.wait()
