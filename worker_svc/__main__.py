@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch CPU threads (default: every usable core)")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "cuda", "torch"],
-                        help="auto: our CUDA kernels on a GPU, the torch reference elsewhere")
+                        help="cuda: our CUDA kernels (opt-in until verified on a GPU); auto/torch: the torch reference")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="exit when this process (the spawning scheduler) is gone")
     parser.add_argument("--log-level", default="INFO")
