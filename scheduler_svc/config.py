@@ -21,6 +21,10 @@ class SchedulerConfig:
     # Split prompts larger than the step's remaining budget across steps. Without it a prompt
     # runs whole in one step, so the budget must hold the longest one.
     enable_chunked_prefill: bool = True
+    # "continuous" admits waiting requests whenever budget and blocks allow. "static" is the
+    # baseline policy for comparisons: a batch of up to max_num_seqs requests is admitted only when
+    # the previous batch has wholly finished, and no newcomer joins it while it runs.
+    scheduling: str = "continuous"
 
     def __post_init__(self) -> None:
         for name in (
@@ -34,6 +38,8 @@ class SchedulerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.scheduling not in ("continuous", "static"):
+            raise ValueError(f"scheduling must be 'continuous' or 'static', got {self.scheduling!r}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:

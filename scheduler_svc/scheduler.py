@@ -9,6 +9,11 @@ recompute: its blocks are freed and it waits at the front of the queue to start 
 Arrival order is the order of `add_request`. Running requests always arrived before waiting ones
 (admission is FCFS and a preempted request goes back to the front), so both queues stay sorted
 by arrival without sorting: the running list's last entry is the latest arrival.
+
+Static scheduling (`SchedulerConfig.scheduling == "static"`, the baseline to compare against)
+changes one decision, who may be admitted: once the previous batch has wholly finished, the first
+`max_num_seqs` waiting requests become the batch, and only its members are admitted (in one step
+if the budget allows, else over the next steps) until every one of them has finished.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 
 from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.config import SchedulerConfig
@@ -60,6 +66,8 @@ class Scheduler:
         # Requests the worker knows but must drop; sent with the next plan that runs anything.
         self._finished_req_ids: list[str] = []
         self._next_step_id = 0
+        # Static scheduling: the unfinished members of the current batch (running or waiting).
+        self._static_batch: set[str] = set()
 
     @property
     def num_waiting(self) -> int:
@@ -194,6 +202,7 @@ class Scheduler:
             self.waiting
             and step.token_budget > 0
             and len(self.running) < self.config.max_num_seqs
+            and self._may_admit(self.waiting[0])
         ):
             request = self.waiting[0]
             num_new_tokens = self._num_new_tokens(request, step.token_budget)
@@ -205,6 +214,16 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._admit(request, num_new_tokens, step)
+
+    def _may_admit(self, request: Request) -> bool:
+        """The batching policy: continuous admits anyone, static only the current batch."""
+        if self.config.scheduling == "continuous":
+            return True
+        if not self._static_batch:
+            # Every member has finished (so nothing runs): the next batch is the queue's head.
+            head = islice(self.waiting, self.config.max_num_seqs)
+            self._static_batch = {r.req_id for r in head}
+        return request.req_id in self._static_batch
 
     def _admit(self, request: Request, num_new_tokens: int, step: _Step) -> None:
         if request.status == RequestStatus.PREEMPTED:
@@ -308,3 +327,4 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         del self.requests[request.req_id]
+        self._static_batch.discard(request.req_id)
