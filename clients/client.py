@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AsyncIterator, Iterator
 
 import grpc
@@ -88,11 +89,35 @@ def _completion(text: list[str], token_ids: list[int], last: pb.GenerateResponse
     return Completion("".join(text), token_ids, reason, last.usage.prompt_tokens, last.usage.completion_tokens)
 
 
-class OmnibusClient:
-    """Blocking client. `generate` streams responses; `complete` returns the whole text."""
+def tls_credentials(
+    ca: str | Path | None = None, cert: str | Path | None = None, key: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: `ca` to verify the server (None: the system's
+    roots), `cert` and `key` for a server that requires client certificates (mTLS)."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate and its key go together")
 
-    def __init__(self, target: str = "localhost:50051", channel: grpc.Channel | None = None):
-        self.channel = channel or grpc.insecure_channel(target)
+    def read(path):
+        return None if path is None else Path(path).read_bytes()
+
+    return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+
+
+class OmnibusClient:
+    """Blocking client. `generate` streams responses; `complete` returns the whole text.
+
+    Plain text by default; pass `credentials` (see `tls_credentials`) for a TLS server.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        channel: grpc.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
+        if channel is None:
+            channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+        self.channel = channel
         self.stub = pb_grpc.GenerationStub(self.channel)
 
     def generate(self, request: pb.GenerateRequest, timeout: float | None = None) -> Iterator[pb.GenerateResponse]:
@@ -111,8 +136,16 @@ class OmnibusClient:
 class AsyncOmnibusClient:
     """asyncio client: `async for response in client.generate(request)`."""
 
-    def __init__(self, target: str = "localhost:50051", channel: grpc.aio.Channel | None = None):
-        self.channel = channel or grpc.aio.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        channel: grpc.aio.Channel | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
+        if channel is None:
+            channel = (grpc.aio.insecure_channel(target) if credentials is None
+                       else grpc.aio.secure_channel(target, credentials))
+        self.channel = channel
         self.stub = pb_grpc.GenerationStub(self.channel)
 
     def generate(self, request: pb.GenerateRequest, timeout: float | None = None) -> AsyncIterator[pb.GenerateResponse]:

@@ -1,7 +1,9 @@
 """The scheduler process: gRPC server up first, then workers register, then the engine serves.
 
-Health stays NOT_SERVING until every worker has registered, and turns NOT_SERVING again when a
-worker dies; requests in flight then end with UNAVAILABLE.
+Health (overall and `omnibus.v1.Generation`) is SERVING only while every worker has registered,
+the engine is alive, the app is not draining, and the engine is not stalled (requests unfinished
+but no step completed for `stall_timeout_s`). A dead worker ends requests in flight with
+UNAVAILABLE; a drain lets them finish first.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from typing import Callable
 from omnibus.v1 import generation_pb2 as pb
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.engine import Engine
+from scheduler_svc.metrics import ServingMetrics
 from scheduler_svc.proto_convert import ModelLimits
 from scheduler_svc.protocol import WorkerHello
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.server import GenerationService, HealthReporter, build_server
+from scheduler_svc.tls import TlsConfig, server_credentials
 from scheduler_svc.tokenizer import ModelTokenizer
 from scheduler_svc.worker_group import WorkerGroup
 
@@ -41,8 +45,13 @@ class ServingOptions:
     max_num_batched_tokens: int = 2048
     max_queued_requests: int = 1024
     enable_chunked_prefill: bool = True
+    scheduling: str = "continuous"  # or "static" (a baseline: a new batch only once the last is done)
     registration_timeout_s: float = 600.0
     heartbeat_timeout_s: float = 15.0
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+    tls: TlsConfig | None = None  # None: plain-text gRPC
+    stall_timeout_s: float = 60.0  # no step for this long with requests unfinished: NOT_SERVING
+    drain_timeout_s: float = 30.0  # how long a drain lets requests in flight finish
     extra: dict = field(default_factory=dict)
 
 
@@ -52,33 +61,109 @@ class ServingApp:
     def __init__(self, options: ServingOptions):
         self.options = options
         self.tokenizer = ModelTokenizer(options.model_dir)
-        self.service = GenerationService(self.tokenizer, options.model_id)
-        self.server, self.health, self.port = build_server(self.service, f"{options.host}:{options.port}")
+        self.metrics = ServingMetrics()
+        self.service = GenerationService(self.tokenizer, options.model_id, self.metrics)
+        credentials = None if options.tls is None else server_credentials(options.tls)
+        self.server, self.health, self.port = build_server(
+            self.service, f"{options.host}:{options.port}", credentials
+        )
         self.workers = WorkerGroup(options.worker_bind, options.world_size, options.heartbeat_timeout_s)
         self.engine: Engine | None = None
+        self._health_task: asyncio.Task | None = None
+        self._stalled = False
+        self._stopped = False
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on, or None."""
+        return self.metrics.port
+
+    @property
+    def draining(self) -> bool:
+        return self.service.draining
+
+    def is_ready(self) -> bool:
+        """What readiness reports; see the module docstring."""
+        engine = self.engine
+        return (
+            engine is not None
+            and not self.service.draining
+            and engine.dead_reason is None
+            and not engine.is_stalled(self.options.stall_timeout_s)
+        )
+
+    async def refresh_health(self) -> None:
+        await self.health.set(self.is_ready())
 
     async def start(self, spawn_workers: WorkerSpawner | None = None) -> None:
         """Serve gRPC at once (NOT_SERVING), spawn workers, and wait for them to register."""
         await self.health.set(False)
+        self._serve_metrics()
         await self.server.start()
-        logger.info("gRPC listening on %s:%d; waiting for %d worker(s) at %s",
-                    self.options.host, self.port, self.options.world_size, self.workers.endpoint)
+        logger.info("gRPC listening on %s:%d%s; waiting for %d worker(s) at %s",
+                    self.options.host, self.port, "" if self.options.tls is None else " (TLS)",
+                    self.options.world_size, self.workers.endpoint)
         await self.workers.start()
         if spawn_workers is not None:
             for process in spawn_workers(self.workers.endpoint):
                 self.workers.watch_process(process)
         hellos = await self.workers.wait_registered(self.options.registration_timeout_s)
         self._start_engine(hellos)
-        await self.health.set(True)
+        self._health_task = asyncio.create_task(self._watch_health(), name="health-watch")
+        await self.refresh_health()
         logger.info("ready: serving %s on %s:%d", self.options.model_id, self.options.host, self.port)
 
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Graceful stop (SIGTERM): turn NOT_SERVING and refuse new requests with UNAVAILABLE, let
+        requests in flight finish for up to `timeout_s` (default: the options'), then stop."""
+        timeout_s = self.options.drain_timeout_s if timeout_s is None else timeout_s
+        self.service.draining = True
+        await self.refresh_health()
+        if self.engine is not None and self.engine.num_active_requests:
+            logger.info("draining: waiting up to %.0f s for %d request(s) in flight",
+                        timeout_s, self.engine.num_active_requests)
+            if not await self.engine.wait_idle(timeout_s):
+                logger.warning("drain timed out; ending %d request(s) with UNAVAILABLE",
+                               self.engine.num_active_requests)
+        await self.stop()
+
     async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop now: requests in flight end with UNAVAILABLE, then the server and workers stop."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.service.draining = True
         await self.health.set(False)
-        await self.server.stop(grace_s)
+        if self._health_task is not None:
+            self._health_task.cancel()
         if self.engine is not None:
-            await self.engine.stop()
+            await self.engine.stop()  # fails what is left, so handlers answer before the server stops
+        await self.server.stop(grace_s)  # lets handlers send their last message
         await self.workers.shutdown()
+        self.metrics.close()
+
+    def _serve_metrics(self) -> None:
+        port = self.options.metrics_port
+        if port is None:
+            return
+        try:
+            self.metrics.serve(self.options.host, port)
+        except OSError as error:
+            # Metrics are not worth refusing traffic over; the log says why they are missing.
+            logger.error("metrics: cannot listen on %s:%d (%s); serving without /metrics",
+                         self.options.host, port, error)
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            stalled = self.engine is not None and self.engine.is_stalled(self.options.stall_timeout_s)
+            if stalled and not self._stalled:
+                logger.warning("engine stalled: requests unfinished and no step completed for %.0f s",
+                               self.options.stall_timeout_s)
+            elif self._stalled and not stalled:
+                logger.info("engine is making progress again")
+            self._stalled = stalled
+            await self.refresh_health()
 
     def _start_engine(self, hellos: list[WorkerHello]) -> None:
         first = hellos[0]
@@ -91,8 +176,11 @@ class ServingApp:
             max_num_batched_tokens=self.options.max_num_batched_tokens,
             max_queued_requests=self.options.max_queued_requests,
             enable_chunked_prefill=self.options.enable_chunked_prefill,
+            scheduling=self.options.scheduling,
         )
-        self.engine = Engine(Scheduler(config), self.workers, self.tokenizer, on_dead=self._on_engine_dead)
+        self.engine = Engine(
+            Scheduler(config), self.workers, self.tokenizer, on_dead=self._on_engine_dead, metrics=self.metrics
+        )
         limits = ModelLimits(
             vocab_size=first.vocab_size,
             max_model_len=first.max_model_len,
@@ -116,4 +204,4 @@ class ServingApp:
         )
 
     def _on_engine_dead(self, reason: str) -> None:
-        asyncio.get_running_loop().create_task(self.health.set(False))
+        asyncio.get_running_loop().create_task(self.refresh_health())

@@ -17,6 +17,7 @@ from enum import Enum
 from typing import AsyncIterator, Callable
 
 from scheduler_svc.detokenizer import IncrementalDetokenizer
+from scheduler_svc.metrics import ServingMetrics
 from scheduler_svc.proto_convert import ParsedRequest
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.scheduler import RequestUpdate, Scheduler
@@ -59,6 +60,7 @@ class RequestRecord:
     num_output_tokens: int
     ttft_s: float | None
     latency_s: float
+    queue_time_s: float | None = None  # None: never scheduled
 
 
 @dataclass(slots=True)
@@ -71,7 +73,9 @@ class RequestStream:
     submitted_step_id: int  # the engine's next step when the request arrived (for tests/metrics)
     detokenizer: IncrementalDetokenizer
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None
     num_output_tokens: int = 0
     finished: bool = False
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -98,21 +102,38 @@ class Engine:
         workers: WorkerGroup,
         tokenizer: ModelTokenizer,
         on_dead: Callable[[str], None] | None = None,
+        metrics: ServingMetrics | None = None,
     ):
         self.scheduler = scheduler
         self.workers = workers
         self.tokenizer = tokenizer
         self._on_dead = on_dead
+        self.metrics = metrics if metrics is not None else ServingMetrics()
         self._streams: dict[str, RequestStream] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.next_step_id = 0
         self.dead_reason: str | None = None
+        # Last time a step completed or work arrived at an idle engine (for the stall check).
+        self.last_progress_time = time.monotonic()
         self.request_records: deque[RequestRecord] = deque(maxlen=10_000)
 
     @property
     def num_active_requests(self) -> int:
         return len(self._streams)
+
+    def is_stalled(self, timeout_s: float) -> bool:
+        """True when requests are unfinished yet no step has completed for `timeout_s` seconds."""
+        return bool(self._streams) and time.monotonic() - self.last_progress_time > timeout_s
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is active; False if some still are after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while self._streams:
+            if time.monotonic() >= deadline or self.dead_reason is not None:
+                return not self._streams
+            await asyncio.sleep(0.05)
+        return True
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="engine-loop")
@@ -141,6 +162,7 @@ class Engine:
         )
         self._streams[req_id] = stream
         self._wakeup.set()
+        self._observe_queues()
         return stream
 
     def abort(self, req_id: str) -> None:
@@ -149,6 +171,7 @@ class Engine:
         if stream is not None:
             self.scheduler.abort_requests([req_id])
             self._finish(stream, RequestStatus.FINISHED_ABORTED, time.monotonic())
+            self._observe_queues()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -160,16 +183,27 @@ class Engine:
         self._fail_all(EngineError(ErrorKind.UNAVAILABLE, "the server is shutting down"))
 
     async def _run(self) -> None:
+        try:
+            await self._step_forever()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a bug here would otherwise leave every stream hanging
+            logger.exception("the engine loop failed")
+            self._die(f"internal error in the engine loop: {error!r}")
+
+    async def _step_forever(self) -> None:
         while True:
             if not self.scheduler.has_unfinished_requests():
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                self.last_progress_time = time.monotonic()  # idle time is not a stall
                 continue
             plan = self.scheduler.schedule()
             if plan.num_scheduled_tokens == 0 and not plan.finished_req_ids:
                 await asyncio.sleep(0.001)  # nothing runnable this step; let handlers run
                 continue
             self.next_step_id = plan.step_id + 1  # a request arriving from now on joins that step
+            self._observe_scheduled(plan.step_id)
             try:
                 result = await self.workers.execute(plan)
             except WorkerDiedError as error:
@@ -178,7 +212,26 @@ class Engine:
             except WorkerStepError as error:
                 self._fail_step(plan, str(error))
                 continue
+            self.last_progress_time = time.monotonic()
             self._deliver(self.scheduler.update_from_output(plan, result))
+            self._observe_queues()
+
+    def _observe_scheduled(self, step_id: int) -> None:
+        """Queue time and prompt tokens of requests computed for the first time in this step."""
+        records = self.scheduler.records
+        if not records or records[-1].step_id != step_id:
+            return
+        record, now = records[-1], time.monotonic()
+        self.metrics.observe_step(record)
+        for req_id in record.new_req_ids:
+            stream = self._streams.get(req_id)
+            if stream is not None and stream.first_scheduled_time is None:
+                stream.first_scheduled_time = now
+                self.metrics.observe_first_scheduled(now - stream.arrival_time, stream.num_prompt_tokens)
+
+    def _observe_queues(self) -> None:
+        scheduler = self.scheduler
+        self.metrics.observe_queues(scheduler.num_running, scheduler.num_waiting, scheduler.block_manager.usage)
 
     def _deliver(self, updates: list[RequestUpdate]) -> None:
         now = time.monotonic()
@@ -195,37 +248,45 @@ class Engine:
                 status = RequestStatus.FINISHED_STOPPED
             elif status is not None:
                 text += stream.detokenizer.flush()
-            stream.num_output_tokens += len(update.new_token_ids)
-            if stream.first_token_time is None and update.new_token_ids:
-                stream.first_token_time = now
+            self._note_tokens(stream, len(update.new_token_ids), now)
             event = StreamEvent(update.new_token_ids, text, status)
             if status is not None:
                 event.usage = (stream.num_prompt_tokens, stream.num_output_tokens)
                 self._finish(stream, status, now)
             stream.push(event)
 
-    def _finish(self, stream: RequestStream, status: RequestStatus, now: float) -> None:
+    def _note_tokens(self, stream: RequestStream, num_tokens: int, now: float) -> None:
+        if num_tokens == 0:
+            return
+        stream.num_output_tokens += num_tokens
+        ttft = now - stream.arrival_time if stream.first_token_time is None else None
+        itl = None if stream.last_token_time is None else now - stream.last_token_time
+        stream.first_token_time = stream.first_token_time or now
+        stream.last_token_time = now
+        self.metrics.observe_tokens(num_tokens, ttft, itl)
+
+    def _finish(self, stream: RequestStream, status: RequestStatus, now: float, error: str | None = None) -> None:
         stream.finished = True
         del self._streams[stream.req_id]
-        ttft = None if stream.first_token_time is None else stream.first_token_time - stream.arrival_time
         record = RequestRecord(
             stream.client_request_id, stream.req_id, stream.submitted_step_id, status,
-            stream.num_prompt_tokens, stream.num_output_tokens, ttft, now - stream.arrival_time,
+            stream.num_prompt_tokens, stream.num_output_tokens, _since(stream.arrival_time, stream.first_token_time),
+            now - stream.arrival_time, _since(stream.arrival_time, stream.first_scheduled_time),
         )
         self.request_records.append(record)
-        logger.info(
-            "request %s %s: %d prompt + %d output tokens, ttft %s, total %.3f s",
-            record.client_request_id, status.name, record.num_prompt_tokens, record.num_output_tokens,
-            "-" if ttft is None else f"{ttft:.3f} s", record.latency_s,
-        )
+        if status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            self.metrics.observe_finished(record.latency_s)
+        _log_request(record, stream, error)
 
     def _fail_step(self, plan, message: str) -> None:
         req_ids = [r.req_id for r in plan.new_requests] + [r.req_id for r in plan.cached_requests]
         logger.error("step %d failed on a worker; failing its %d requests: %s", plan.step_id, len(req_ids), message)
         self.scheduler.abort_requests(req_ids)
+        now = time.monotonic()
         for req_id in req_ids:
-            stream = self._streams.pop(req_id, None)
+            stream = self._streams.get(req_id)
             if stream is not None:
+                self._finish(stream, RequestStatus.FINISHED_ABORTED, now, error=message)
                 stream.push(EngineError(ErrorKind.INTERNAL, f"the worker failed on this request: {message}"))
 
     def _die(self, reason: str) -> None:
@@ -235,8 +296,40 @@ class Engine:
             self._on_dead(self.dead_reason)
 
     def _fail_all(self, error: EngineError) -> None:
-        streams, self._streams = self._streams, {}
+        streams = list(self._streams.values())
         if streams:
-            self.scheduler.abort_requests(list(streams))
-        for stream in streams.values():
+            self.scheduler.abort_requests([stream.req_id for stream in streams])
+        now = time.monotonic()
+        for stream in streams:
+            self._finish(stream, RequestStatus.FINISHED_ABORTED, now, error=str(error))
             stream.push(error)
+        self._observe_queues()
+
+
+def _since(start: float, end: float | None) -> float | None:
+    return None if end is None else end - start
+
+
+def _log_request(record: RequestRecord, stream: RequestStream, error: str | None) -> None:
+    """One key=value line per finished request, for log pipelines to parse."""
+    decode_s = _since(stream.first_token_time, stream.last_token_time)
+    itl = decode_s / (record.num_output_tokens - 1) if decode_s and record.num_output_tokens > 1 else None
+    fields = {
+        "request_id": record.client_request_id, "req_id": record.req_id, "status": record.status.name,
+        "prompt_tokens": record.num_prompt_tokens, "output_tokens": record.num_output_tokens,
+        "queue_s": record.queue_time_s, "ttft_s": record.ttft_s, "mean_itl_s": itl, "e2e_s": record.latency_s,
+    }
+    line = " ".join(f"{key}={_format(value)}" for key, value in fields.items())
+    if error is not None:
+        line += f" error={error!r}"
+    logger.info("request done %s", line)
+
+
+def _format(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    text = str(value)
+    # A client-chosen request id must not break the line into fake fields.
+    return repr(text) if not text or any(c.isspace() or c in "=\"'" for c in text) else text

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import uuid
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -12,7 +15,8 @@ from grpc_reflection.v1alpha import reflection
 from omnibus.v1 import generation_pb2 as pb
 from omnibus.v1 import generation_pb2_grpc as pb_grpc
 from scheduler_svc import proto_convert
-from scheduler_svc.engine import Engine, EngineError, ErrorKind
+from scheduler_svc.engine import Engine, EngineError, ErrorKind, RequestStream
+from scheduler_svc.metrics import ServingMetrics
 from scheduler_svc.proto_convert import InvalidArgument, ModelLimits
 from scheduler_svc.scheduler import QueueFullError
 from scheduler_svc.tokenizer import ModelTokenizer
@@ -24,14 +28,25 @@ _ERROR_CODES = {
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_CHARS = 256
+
+
+class _Rejection(Exception):
+    """Ends a Generate call with this status; raised where the reason is found, answered once."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 class GenerationService(pb_grpc.GenerationServicer):
     """Validates requests, hands them to the engine and streams the results back."""
 
-    def __init__(self, tokenizer: ModelTokenizer, model_id: str):
+    def __init__(self, tokenizer: ModelTokenizer, model_id: str, metrics: ServingMetrics | None = None):
         self.tokenizer = tokenizer
         self.model_id = model_id
+        self.metrics = metrics if metrics is not None else ServingMetrics()
         self.engine: Engine | None = None  # set once the workers have registered
         self.limits: ModelLimits | None = None
         self.model_info = pb.ModelInfo(model_id=model_id)
@@ -41,26 +56,54 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.engine, self.limits, self.model_info = engine, limits, model_info
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        engine = await self._ready_engine(context)
+        """Stream one generation; every call ends counted in the outcome metric by status code."""
+        request_id = request.request_id or _metadata_request_id(context) or uuid.uuid4().hex
+        echo = ((REQUEST_ID_HEADER, request_id),) if _is_valid_request_id(request_id) else ()
+        context.set_trailing_metadata(echo)
+        code = grpc.StatusCode.CANCELLED  # unless the stream ends or is rejected: the client left
         try:
-            parsed = proto_convert.parse_generate_request(request, self.tokenizer, self.limits)
-            stream = engine.add_request(parsed)
-        except InvalidArgument as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except QueueFullError as error:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request queue is full: {error}")
-        except EngineError as error:
-            await context.abort(_ERROR_CODES[error.kind], str(error))
+            # aclosing: a cancelled call must abort the engine request now, not when collected.
+            async with contextlib.aclosing(self._generate(request, request_id)) as responses:
+                async for response in responses:
+                    yield response
+            code = grpc.StatusCode.OK
+        except _Rejection as rejection:
+            code = rejection.code
+            logger.info("request rejected request_id=%r code=%s: %s", request_id, code.name, rejection)
+            await context.abort(code, str(rejection), trailing_metadata=echo)
+        finally:
+            remaining = context.time_remaining()
+            if code == grpc.StatusCode.CANCELLED and remaining is not None and remaining <= 0:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+            self.metrics.count_outcome(code.name)
+
+    async def _generate(self, request: pb.GenerateRequest, request_id: str):
+        engine = self._ready_engine_or_reject()
+        stream = self._add_request(engine, request, request_id)
         try:
             async for event in stream.events():
                 yield proto_convert.generate_response(
                     stream.client_request_id, event.token_ids, event.text, event.status, event.usage
                 )
         except EngineError as error:
-            await context.abort(_ERROR_CODES[error.kind], str(error))
+            raise _Rejection(_ERROR_CODES[error.kind], str(error)) from None
         finally:
             if not stream.finished:  # client cancelled, deadline passed, or the engine failed
                 engine.abort(stream.req_id)
+
+    def _add_request(self, engine: Engine, request: pb.GenerateRequest, request_id: str) -> RequestStream:
+        if not _is_valid_request_id(request_id):
+            raise _Rejection(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"request_id: must be printable ASCII of at most {MAX_REQUEST_ID_CHARS} characters")
+        try:
+            parsed = proto_convert.parse_generate_request(request, self.tokenizer, self.limits)
+            return engine.add_request(dataclasses.replace(parsed, client_request_id=request_id))
+        except InvalidArgument as error:
+            raise _Rejection(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        except QueueFullError as error:
+            raise _Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request queue is full: {error}") from None
+        except EngineError as error:
+            raise _Rejection(_ERROR_CODES[error.kind], str(error)) from None
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
         try:
@@ -87,12 +130,18 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise InvalidArgument("messages", str(error)) from None
 
     async def _ready_engine(self, context: grpc.aio.ServicerContext) -> Engine:
+        try:
+            return self._ready_engine_or_reject()
+        except _Rejection as rejection:
+            await context.abort(rejection.code, str(rejection))
+
+    def _ready_engine_or_reject(self) -> Engine:
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            raise _Rejection(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         if self.engine is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker has registered yet; retry shortly")
+            raise _Rejection(grpc.StatusCode.UNAVAILABLE, "no worker has registered yet; retry shortly")
         if self.engine.dead_reason is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self.engine.dead_reason)
+            raise _Rejection(grpc.StatusCode.UNAVAILABLE, self.engine.dead_reason)
         return self.engine
 
 
@@ -101,23 +150,50 @@ class HealthReporter:
 
     def __init__(self, servicer: health.aio.HealthServicer):
         self.servicer = servicer
+        self.serving: bool | None = None  # None: never set
 
     async def set(self, serving: bool) -> None:
+        if serving == self.serving:
+            return
+        logger.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+        self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.servicer.set(service, status)
 
 
+def _is_valid_request_id(request_id: str) -> bool:
+    # It goes back in metadata, which takes printable ASCII only, and into every log line.
+    return len(request_id) <= MAX_REQUEST_ID_CHARS and request_id.isascii() and request_id.isprintable()
+
+
+def _metadata_request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            return value
+    return ""
+
+
 def build_server(
-    service: GenerationService, address: str, max_message_bytes: int = 64 * 1024 * 1024
+    service: GenerationService,
+    address: str,
+    credentials: grpc.ServerCredentials | None = None,
+    max_message_bytes: int = 64 * 1024 * 1024,
 ) -> tuple[grpc.aio.Server, HealthReporter, int]:
-    """A grpc.aio server with the Generation, health and reflection services; returns the bound port."""
+    """A grpc.aio server with the Generation, health and reflection services; returns the bound port.
+
+    With `credentials` the port speaks TLS only (plain-text clients fail the handshake).
+    """
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # Accept client keepalive pings on long idle streams instead of answering GOAWAY.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_ping_strikes", 0),
+        # Our own pings find clients that vanished without closing (a silent NAT drop).
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
     ])
     pb_grpc.add_GenerationServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
@@ -125,7 +201,10 @@ def build_server(
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind the gRPC server to {address}")
     return server, HealthReporter(health_servicer), port

@@ -13,7 +13,7 @@ import sys
 import threading
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 import grpc
 
@@ -27,9 +27,13 @@ T = TypeVar("T")
 class ServerThread:
     """An Omnibus server on an ephemeral loopback port, started and stopped by a test fixture."""
 
-    def __init__(self, model_dir: Path, num_kv_blocks: int, **options):
+    def __init__(
+        self, model_dir: Path, num_kv_blocks: int, credentials: grpc.ChannelCredentials | None = None, **options
+    ):
+        """`options` go to ServingOptions; `credentials` are what `channel()` and `stub()` use (TLS)."""
         self.model_dir = model_dir
         self.num_kv_blocks = num_kv_blocks
+        self.credentials = credentials
         self.options = ServingOptions(model_dir=model_dir, model_id="test-model", port=0, **options)
         self.processes: list[subprocess.Popen] = []
         self.app: ServingApp | None = None
@@ -64,8 +68,22 @@ class ServerThread:
 
         return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout_s)
 
+    def call_async(self, fn: Callable[[ServingApp], Awaitable[T]]) -> Future:
+        """Start the coroutine fn(app) on the server's loop; returns its concurrent Future."""
+
+        async def run():
+            return await fn(self.app)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop)
+
+    def channel(self) -> grpc.Channel:
+        """A channel to the server: plain text, or TLS with the harness's credentials."""
+        if self.credentials is None:
+            return grpc.insecure_channel(self.target)
+        return grpc.secure_channel(self.target, self.credentials)
+
     def stub(self) -> pb_grpc.GenerationStub:
-        return pb_grpc.GenerationStub(grpc.insecure_channel(self.target))
+        return pb_grpc.GenerationStub(self.channel())
 
     def _spawn(self, endpoint: str) -> list[subprocess.Popen]:
         command = [
