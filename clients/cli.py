@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from clients.bench.cli import add_bench_arguments, run_bench
+
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -46,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
         client = commands.add_parser(name, help="stream a chat reply" if chat else "stream a completion")
         _add_client_flags(client)
         client.set_defaults(run=_run_generate, chat=chat)
+    bench = commands.add_parser("bench", help="load generator: drive a running server, print and save metrics")
+    add_bench_arguments(bench)
+    bench.set_defaults(run=run_bench)
     return parser
 
 
@@ -57,7 +62,17 @@ def _add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     parser.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
     parser.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
+    parser.add_argument("--scheduling", default="continuous", choices=["continuous", "static"],
+                        help="static: admit a new batch only when the running one has finished (a baseline)")
     parser.add_argument("--heartbeat-timeout", type=float, default=15.0, help="seconds without a worker heartbeat before it is declared dead")
+    parser.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port on --host (0: off)")
+    parser.add_argument("--stall-timeout", type=float, default=60.0,
+                        help="health turns NOT_SERVING after this many seconds without a step while requests are unfinished")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM/SIGINT, seconds to let requests in flight finish before ending them")
+    parser.add_argument("--tls-cert", default=None, help="PEM server certificate (chain): serve gRPC over TLS")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", default=None, help="PEM CA bundle: require client certificates it signed (mTLS)")
 
 
 def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
@@ -70,12 +85,17 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     parser.add_argument("--load-format", default="auto", choices=["auto", "random"], help="random: random weights for the config")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "cuda", "torch"],
-                        help="auto: our CUDA kernels on a GPU, the torch reference elsewhere")
+                        help="cuda: our CUDA kernels (opt-in until verified on a GPU); auto/torch: the torch reference")
 
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="prompt text (chat: the user message)")
     parser.add_argument("--target", default=DEFAULT_TARGET, help="server address")
+    parser.add_argument("--tls-ca", default=None, help="PEM CA bundle to verify the server with (turns TLS on)")
+    parser.add_argument("--tls-cert", default=None, help="PEM client certificate, for a server that requires one (mTLS)")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
+    parser.add_argument("--request-id", default="", help="id carried into the server's logs (default: generated)")
     parser.add_argument("--system", default=None, help="chat: a system message")
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None)
@@ -107,6 +127,21 @@ def worker_command(args: argparse.Namespace, endpoint: str, model_dir: Path, ran
     return command
 
 
+def _tls_config(args: argparse.Namespace):
+    from scheduler_svc.tls import TlsConfig
+
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise SystemExit("omnibus: --tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise SystemExit("omnibus: --tls-cert and --tls-key go together")
+    try:
+        return TlsConfig(Path(args.tls_cert), Path(args.tls_key), args.tls_client_ca and Path(args.tls_client_ca))
+    except ValueError as error:
+        raise SystemExit(f"omnibus: {error}") from None
+
+
 def _serving_options(args: argparse.Namespace, model_dir: Path, **overrides):
     from scheduler_svc.app import ServingOptions
 
@@ -119,12 +154,18 @@ def _serving_options(args: argparse.Namespace, model_dir: Path, **overrides):
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_queued_requests=args.max_queued_requests,
         enable_chunked_prefill=not args.no_chunked_prefill,
+        scheduling=args.scheduling,
         heartbeat_timeout_s=args.heartbeat_timeout,
+        metrics_port=args.metrics_port or None,
+        tls=_tls_config(args),
+        stall_timeout_s=args.stall_timeout,
+        drain_timeout_s=args.drain_timeout,
         **overrides,
     )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    _tls_config(args)  # a flag mistake should fail before the model is prepared
     model_dir = prepare_model_dir(args.model)
 
     def spawn(endpoint: str) -> list[subprocess.Popen]:
@@ -134,6 +175,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_scheduler(args: argparse.Namespace) -> int:
+    _tls_config(args)
     model_dir = prepare_model_dir(args.model)
     options = _serving_options(args, model_dir, worker_bind=args.worker_bind)
     return asyncio.run(_serve_until_signal(options, None))
@@ -157,24 +199,30 @@ async def _serve_until_signal(options, spawn) -> int:
     elif starting in done:
         await stopping
     starting.cancel()
-    logging.getLogger("omnibus").info("stopping")
-    await app.stop()
+    if code == 0 and app.engine is not None:
+        logging.getLogger("omnibus").info("signal received: draining")
+        await app.drain()  # bounded by options.drain_timeout_s
+    else:
+        logging.getLogger("omnibus").info("stopping")
+        await app.stop()
     return code
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from clients.client import OmnibusClient, Sampling, build_request
+    from clients.client import OmnibusClient, Sampling, build_request, tls_credentials
 
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     if args.chat:
         turns = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
-        request = build_request(messages=turns, sampling=sampling)
+        request = build_request(messages=turns, sampling=sampling, request_id=args.request_id)
     else:
-        request = build_request(args.prompt, sampling=sampling)
-    client = OmnibusClient(args.target)
+        request = build_request(args.prompt, sampling=sampling, request_id=args.request_id)
+    use_tls = args.tls or args.tls_ca or args.tls_cert
+    credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key) if use_tls else None
+    client = OmnibusClient(args.target, credentials=credentials)
     start, first, last = time.monotonic(), None, None
     try:
         for response in client.generate(request):

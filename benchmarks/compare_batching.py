@@ -1,0 +1,159 @@
+"""Continuous vs static batching vs Hugging Face `generate`, side by side on one workload.
+
+One seeded variable-length workload is saved once and replayed against `omnibus serve
+--scheduling continuous`, then `--scheduling static` (same flags otherwise, so the policy is the
+only difference), then through `benchmarks/hf_baseline.py` with padded batches of the same size.
+Each runs `--repeats` times; the summary quotes medians and the ratios between them.
+
+    python -m benchmarks.compare_batching --out bench_results/compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.bench.report import git_revision, machine_info
+from clients.bench.workloads import random_workload, save_workload
+
+# (column, path into a result's "metrics"): the figures the summary quotes.
+HEADLINE = [
+    ("output tok/s", ("output_throughput",)),
+    ("req/s", ("request_throughput",)),
+    ("TTFT median ms", ("ttft_ms", "median")),
+    ("TTFT p99 ms", ("ttft_ms", "p99")),
+    ("TPOT median ms", ("tpot_ms", "median")),
+    ("TPOT p99 ms", ("tpot_ms", "p99")),
+    ("E2E median ms", ("e2el_ms", "median")),
+    ("E2E p99 ms", ("e2el_ms", "p99")),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-requests", type=int, default=48)
+    parser.add_argument("--input-len", default="16:256")
+    parser.add_argument("--output-len", default="16:192")
+    parser.add_argument("--batch-size", type=int, default=16, help="max-num-seqs of both policies and the HF batch size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hf-repeats", type=int, default=None, help="default: --repeats")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=50091)
+    parser.add_argument("--num-kv-blocks", type=int, default=2048)
+    parser.add_argument("--model", default=None, help="as omnibus serve --model (default: the default model)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/compare"))
+    return parser.parse_args(argv)
+
+
+def span(text: str) -> tuple[int, int]:
+    low, high = text.split(":")
+    return int(low), int(high)
+
+
+def wait_serving(target: str, timeout_s: float) -> None:
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            status = stub.Check(health_pb2.HealthCheckRequest(service="omnibus.v1.Generation"), timeout=2).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{target} did not become SERVING in {timeout_s:.0f} s")
+
+
+def run_engine(args: argparse.Namespace, scheduling: str, workload: Path) -> list[Path]:
+    """Serve with one policy and replay the workload `repeats` times against it."""
+    command = [sys.executable, "-m", "clients.cli", "--log-level", "warning", "serve", "--port", str(args.port),
+               "--scheduling", scheduling, "--max-num-seqs", str(args.batch_size),
+               "--num-kv-blocks", str(args.num_kv_blocks), "--device", args.device]
+    if args.model:
+        command += ["--model", args.model]
+    server = subprocess.Popen(command)
+    results = []
+    try:
+        wait_serving(f"127.0.0.1:{args.port}", 300)
+        for repeat in range(args.repeats):
+            result = args.out / f"{scheduling}-{repeat}.json"
+            subprocess.run([sys.executable, "-m", "clients.bench", "--target", f"127.0.0.1:{args.port}",
+                            "--workload-file", str(workload), "--label", scheduling, "--no-progress",
+                            "--result-json", str(result)], check=True)
+            results.append(result)
+    finally:
+        server.send_signal(2)  # SIGINT: the same clean stop as Ctrl-C
+        server.wait(120)
+    return results
+
+
+def run_hf(args: argparse.Namespace, workload: Path) -> list[Path]:
+    results = []
+    for repeat in range(args.hf_repeats or args.repeats):
+        result = args.out / f"transformers-{repeat}.json"
+        command = [sys.executable, "-m", "benchmarks.hf_baseline", "--workload-file", str(workload),
+                   "--batch-size", str(args.batch_size), "--device", args.device, "--result-json", str(result)]
+        if args.model:
+            command += ["--model", args.model]
+        subprocess.run(command, check=True)
+        results.append(result)
+    return results
+
+
+def medians(paths: list[Path]) -> dict[str, float]:
+    """Each headline figure's median over the repeated runs."""
+    runs = [json.loads(path.read_text())["metrics"] for path in paths]
+    return {column: statistics.median(_lookup(run, keys) for run in runs) for column, keys in HEADLINE}
+
+
+def _lookup(metrics: dict, keys: tuple[str, ...]) -> float:
+    for key in keys:
+        metrics = metrics[key]
+    return metrics
+
+
+def summarize(summary: dict[str, dict[str, float]]) -> str:
+    """A markdown table of the medians, then the throughput ratios."""
+    columns = [column for column, _ in HEADLINE]
+    lines = ["| system | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, values in summary.items():
+        lines.append(f"| {name} | " + " | ".join(f"{values[c]:.1f}" for c in columns) + " |")
+    lines.append("")
+    base = summary["continuous"]["output tok/s"]
+    for other in ("static", "transformers"):
+        if other in summary:
+            lines.append(f"continuous / {other} output throughput: {base / summary[other]['output tok/s']:.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    workload = args.out / "workload.json"
+    save_workload(workload, random_workload(args.num_requests, span(args.input_len), span(args.output_len),
+                                            vocab_size=49152, seed=args.seed))
+    runs = {"continuous": run_engine(args, "continuous", workload),
+            "static": run_engine(args, "static", workload),
+            "transformers": run_hf(args, workload)}
+    summary = {name: medians(paths) for name, paths in runs.items()}
+    table = summarize(summary)
+    print(table)
+    report = {"config": vars(args) | {"out": str(args.out)}, "git": git_revision(), "machine": machine_info(None),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "medians": summary,
+              "runs": {name: [str(p) for p in paths] for name, paths in runs.items()}}
+    (args.out / "summary.json").write_text(json.dumps(report, indent=2, default=str))
+    (args.out / "summary.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
