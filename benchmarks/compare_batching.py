@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -73,26 +76,43 @@ def wait_serving(target: str, timeout_s: float) -> None:
     raise TimeoutError(f"{target} did not become SERVING in {timeout_s:.0f} s")
 
 
-def run_engine(args: argparse.Namespace, scheduling: str, workload: Path) -> list[Path]:
-    """Serve with one policy and replay the workload `repeats` times against it."""
+@contextmanager
+def served(args: argparse.Namespace, scheduling: str) -> Iterator[str]:
+    """`omnibus serve` with one scheduling policy, SERVING, for the duration; yields its target."""
     command = [sys.executable, "-m", "clients.cli", "--log-level", "warning", "serve", "--port", str(args.port),
                "--scheduling", scheduling, "--max-num-seqs", str(args.batch_size),
-               "--num-kv-blocks", str(args.num_kv_blocks), "--device", args.device]
-    if args.model:
+               "--num-kv-blocks", str(args.num_kv_blocks), "--metrics-port", "0"]
+    command += ["--device", getattr(args, "device", "cpu")]
+    if getattr(args, "model", None):
         command += ["--model", args.model]
     server = subprocess.Popen(command)
-    results = []
     try:
-        wait_serving(f"127.0.0.1:{args.port}", 300)
+        target = f"127.0.0.1:{args.port}"
+        wait_serving(target, 300)
+        yield target
+    finally:
+        server.send_signal(signal.SIGINT)  # the same clean stop as Ctrl-C
+        server.wait(120)
+
+
+def save_seeded_workload(args: argparse.Namespace) -> Path:
+    """The run's random workload, written once so every system replays the same requests."""
+    workload = args.out / "workload.json"
+    save_workload(workload, random_workload(args.num_requests, span(args.input_len), span(args.output_len),
+                                            vocab_size=49152, seed=args.seed))
+    return workload
+
+
+def run_engine(args: argparse.Namespace, scheduling: str, workload: Path) -> list[Path]:
+    """Serve with one policy and replay the workload `repeats` times against it."""
+    results = []
+    with served(args, scheduling) as target:
         for repeat in range(args.repeats):
             result = args.out / f"{scheduling}-{repeat}.json"
-            subprocess.run([sys.executable, "-m", "clients.bench", "--target", f"127.0.0.1:{args.port}",
+            subprocess.run([sys.executable, "-m", "clients.bench", "--target", target,
                             "--workload-file", str(workload), "--label", scheduling, "--no-progress",
                             "--result-json", str(result)], check=True)
             results.append(result)
-    finally:
-        server.send_signal(2)  # SIGINT: the same clean stop as Ctrl-C
-        server.wait(120)
     return results
 
 
@@ -138,9 +158,7 @@ def summarize(summary: dict[str, dict[str, float]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    workload = args.out / "workload.json"
-    save_workload(workload, random_workload(args.num_requests, span(args.input_len), span(args.output_len),
-                                            vocab_size=49152, seed=args.seed))
+    workload = save_seeded_workload(args)
     runs = {"continuous": run_engine(args, "continuous", workload),
             "static": run_engine(args, "static", workload),
             "transformers": run_hf(args, workload)}

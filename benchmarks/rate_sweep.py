@@ -13,8 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.compare_batching import span, wait_serving
-from clients.bench.workloads import random_workload, save_workload
+from benchmarks.compare_batching import save_seeded_workload, served
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,31 +32,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sweep(args: argparse.Namespace, scheduling: str, workload: Path) -> list[Path]:
-    command = [sys.executable, "-m", "clients.cli", "--log-level", "warning", "serve", "--port", str(args.port),
-               "--scheduling", scheduling, "--max-num-seqs", str(args.batch_size),
-               "--num-kv-blocks", str(args.num_kv_blocks), "--metrics-port", "0"]
-    server = subprocess.Popen(command)
+    """Serve one policy and replay the workload once at every rate."""
     results = []
-    try:
-        wait_serving(f"127.0.0.1:{args.port}", 300)
+    with served(args, scheduling) as target:
         for rate in args.rates:
             result = args.out / f"{scheduling}-rate{rate:g}.json"
-            subprocess.run([sys.executable, "-m", "clients.bench", "--target", f"127.0.0.1:{args.port}",
+            subprocess.run([sys.executable, "-m", "clients.bench", "--target", target,
                             "--workload-file", str(workload), "--request-rate", f"{rate:g}", "--seed", str(args.seed),
                             "--label", scheduling, "--no-progress", "--result-json", str(result)], check=True)
             results.append(result)
-    finally:
-        server.send_signal(2)
-        server.wait(120)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    workload = args.out / "workload.json"
-    save_workload(workload, random_workload(args.num_requests, span(args.input_len), span(args.output_len),
-                                            vocab_size=49152, seed=args.seed))
+    workload = save_seeded_workload(args)
     for scheduling in args.policies:
         sweep(args, scheduling, workload)
     return 0
