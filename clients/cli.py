@@ -62,6 +62,12 @@ def _add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     parser.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
     parser.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="never reuse the KV blocks of an earlier request with the same prefix")
+    parser.add_argument("--priority-aging-s", type=float, default=10.0,
+                        help="seconds of waiting worth one priority level, so low priorities never starve (inf: strict)")
+    parser.add_argument("--preemption-mode", default="auto", choices=["auto", "recompute", "swap"],
+                        help="how to free KV blocks: auto picks per victim, swap needs the worker's --swap-space-gb")
     parser.add_argument("--scheduling", default="continuous", choices=["continuous", "static"],
                         help="static: admit a new batch only when the running one has finished (a baseline)")
     parser.add_argument("--heartbeat-timeout", type=float, default=15.0, help="seconds without a worker heartbeat before it is declared dead")
@@ -82,6 +88,8 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: from memory)")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None, help="CPU: memory for the KV pool")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None, help="CUDA: fraction of GPU memory to use")
+    parser.add_argument("--swap-space-gb", type=float, default=None,
+                        help="host memory for swapped-out KV blocks (default: 4 with a GPU, 0 on CPU)")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     parser.add_argument("--load-format", default="auto", choices=["auto", "random"], help="random: random weights for the config")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "cuda", "torch"],
@@ -120,7 +128,7 @@ def worker_command(args: argparse.Namespace, endpoint: str, model_dir: Path, ran
                "--world-size", "1", "--model", str(model_dir), "--device", args.device, "--dtype", args.dtype,
                "--block-size", str(args.block_size), "--load-format", args.load_format,
                "--attention-backend", args.attention_backend, "--parent-pid", str(os.getpid())]
-    for flag in ("num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "max_model_len"):
+    for flag in ("num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "max_model_len", "swap_space_gb"):
         value = getattr(args, flag)
         if value is not None:
             command += [f"--{flag.replace('_', '-')}", str(value)]
@@ -155,6 +163,9 @@ def _serving_options(args: argparse.Namespace, model_dir: Path, **overrides):
         max_queued_requests=args.max_queued_requests,
         enable_chunked_prefill=not args.no_chunked_prefill,
         scheduling=args.scheduling,
+        enable_prefix_caching=not args.no_prefix_caching,
+        priority_aging_s=args.priority_aging_s,
+        preemption_mode=args.preemption_mode,
         heartbeat_timeout_s=args.heartbeat_timeout,
         metrics_port=args.metrics_port or None,
         tls=_tls_config(args),

@@ -46,6 +46,9 @@ class ServingOptions:
     max_queued_requests: int = 1024
     enable_chunked_prefill: bool = True
     scheduling: str = "continuous"  # or "static" (a baseline: a new batch only once the last is done)
+    enable_prefix_caching: bool = True
+    priority_aging_s: float = 10.0  # seconds of waiting worth one priority level
+    preemption_mode: str = "auto"  # auto | recompute | swap (see SchedulerConfig)
     registration_timeout_s: float = 600.0
     heartbeat_timeout_s: float = 15.0
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
@@ -177,6 +180,12 @@ class ServingApp:
             max_queued_requests=self.options.max_queued_requests,
             enable_chunked_prefill=self.options.enable_chunked_prefill,
             scheduling=self.options.scheduling,
+            enable_prefix_caching=self.options.enable_prefix_caching,
+            priority_aging_s=self.options.priority_aging_s,
+            preemption_mode=self.options.preemption_mode,
+            num_swap_blocks=min(h.num_swap_blocks for h in hellos),
+            kv_bytes_per_block=first.kv_bytes_per_block,
+            swap_bytes_per_s=min(h.swap_bytes_per_s for h in hellos),
         )
         self.engine = Engine(
             Scheduler(config), self.workers, self.tokenizer, on_dead=self._on_engine_dead, metrics=self.metrics

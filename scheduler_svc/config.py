@@ -25,6 +25,21 @@ class SchedulerConfig:
     # baseline policy for comparisons: a batch of up to max_num_seqs requests is admitted only when
     # the previous batch has wholly finished, and no newcomer joins it while it runs.
     scheduling: str = "continuous"
+    # Keep full KV blocks under a hash of their salted prefix and reuse them for later requests
+    # that start with the same tokens (see block_manager.py).
+    enable_prefix_caching: bool = True
+    # Seconds of waiting that make up one priority level (see request_queue.py): a request of
+    # priority p waits at most about (p - p') * priority_aging_s behind later work of priority
+    # p'. math.inf gives strict priorities (starvation possible).
+    priority_aging_s: float = 10.0
+    # How a running request is preempted when the pool runs out: "recompute" (free its blocks,
+    # compute them again later), "swap" (copy them to the worker's CPU swap space and back), or
+    # "auto" (per victim, whichever preemption_cost.py estimates to be cheaper). Swapping needs
+    # swap space with room; without it a victim is recomputed whatever the mode.
+    preemption_mode: str = "auto"
+    num_swap_blocks: int = 0  # the worker's CPU swap space (from its WorkerHello)
+    kv_bytes_per_block: int = 0  # from the WorkerHello, for the cost rule
+    swap_bytes_per_s: float = 0.0  # measured by the worker, for the cost rule
 
     def __post_init__(self) -> None:
         for name in (
@@ -40,6 +55,12 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.scheduling not in ("continuous", "static"):
             raise ValueError(f"scheduling must be 'continuous' or 'static', got {self.scheduling!r}")
+        if self.preemption_mode not in ("auto", "recompute", "swap"):
+            raise ValueError(f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")
+        if self.num_swap_blocks < 0:
+            raise ValueError(f"num_swap_blocks must be >= 0, got {self.num_swap_blocks}")
+        if not self.priority_aging_s > 0:
+            raise ValueError(f"priority_aging_s must be > 0, got {self.priority_aging_s!r}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:

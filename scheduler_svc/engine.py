@@ -18,7 +18,7 @@ from typing import AsyncIterator, Callable
 
 from scheduler_svc.detokenizer import IncrementalDetokenizer
 from scheduler_svc.metrics import ServingMetrics
-from scheduler_svc.proto_convert import ParsedRequest
+from scheduler_svc.proto_convert import ParsedRequest, TokenUsage
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.scheduler import RequestUpdate, Scheduler
 from scheduler_svc.tokenizer import ModelTokenizer
@@ -45,7 +45,7 @@ class StreamEvent:
     token_ids: list[int]
     text: str
     status: RequestStatus | None = None
-    usage: tuple[int, int] | None = None  # (prompt_tokens, completion_tokens)
+    usage: TokenUsage | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -77,6 +77,7 @@ class RequestStream:
     first_token_time: float | None = None
     last_token_time: float | None = None
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
     finished: bool = False
     _queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
@@ -149,6 +150,8 @@ class Engine:
             sampling_params=parsed.sampling_params,
             eos_token_ids=self.tokenizer.eos_token_ids,
             arrival_time=time.monotonic(),
+            priority=parsed.priority,
+            cache_salt=parsed.cache_salt,
         )
         self.scheduler.add_request(request)
         stream = RequestStream(
@@ -213,6 +216,7 @@ class Engine:
                 self._fail_step(plan, str(error))
                 continue
             self.last_progress_time = time.monotonic()
+            self.scheduler.observe_step_time(plan.num_scheduled_tokens, result.execute_time_s)
             self._deliver(self.scheduler.update_from_output(plan, result))
             self._observe_queues()
 
@@ -227,11 +231,14 @@ class Engine:
             stream = self._streams.get(req_id)
             if stream is not None and stream.first_scheduled_time is None:
                 stream.first_scheduled_time = now
+                stream.num_cached_tokens = self.scheduler.requests[req_id].num_cached_tokens
                 self.metrics.observe_first_scheduled(now - stream.arrival_time, stream.num_prompt_tokens)
 
     def _observe_queues(self) -> None:
         scheduler = self.scheduler
-        self.metrics.observe_queues(scheduler.num_running, scheduler.num_waiting, scheduler.block_manager.usage)
+        self.metrics.observe_queues(scheduler.num_running, scheduler.num_waiting, scheduler.block_manager.usage,
+                                    scheduler.num_swapped)
+        self.metrics.observe_prefix_cache(scheduler.block_manager.stats)
 
     def _deliver(self, updates: list[RequestUpdate]) -> None:
         now = time.monotonic()
@@ -251,7 +258,8 @@ class Engine:
             self._note_tokens(stream, len(update.new_token_ids), now)
             event = StreamEvent(update.new_token_ids, text, status)
             if status is not None:
-                event.usage = (stream.num_prompt_tokens, stream.num_output_tokens)
+                event.usage = TokenUsage(stream.num_prompt_tokens, stream.num_output_tokens,
+                                         stream.num_cached_tokens)
                 self._finish(stream, status, now)
             stream.push(event)
 
@@ -282,6 +290,8 @@ class Engine:
         req_ids = [r.req_id for r in plan.new_requests] + [r.req_id for r in plan.cached_requests]
         logger.error("step %d failed on a worker; failing its %d requests: %s", plan.step_id, len(req_ids), message)
         self.scheduler.abort_requests(req_ids)
+        # Blocks this step was to fill were cached when it was scheduled; their K/V is not there.
+        self.scheduler.block_manager.reset_prefix_cache()
         now = time.monotonic()
         for req_id in req_ids:
             stream = self._streams.get(req_id)

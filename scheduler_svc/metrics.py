@@ -12,6 +12,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from scheduler_svc.block_manager import PrefixCacheStats
 from scheduler_svc.step_record import StepRecord
 
 logger = logging.getLogger(__name__)
@@ -47,16 +48,23 @@ class ServingMetrics:
             "omnibus_num_requests_waiting", "Requests queued, preempted ones included.", registry=r)
         self.num_swapped = Gauge(
             "omnibus_num_requests_swapped",
-            "Requests swapped out to CPU memory. Always 0: Omnibus preempts by recompute, never swaps.",
+            "Requests whose KV blocks are swapped out to the worker's CPU memory.",
             registry=r)
         self.kv_cache_usage = Gauge(
             "omnibus_kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0 to 1).", registry=r)
         self.prefix_cache_hit_rate = Gauge(
             "omnibus_prefix_cache_hit_rate",
-            "Fraction of prompt tokens served from the prefix cache. Always 0: no prefix cache yet.",
+            "Since start: fraction of the tokens looked up at admission (prompts, and the context of "
+            "preempted requests resuming) that the prefix cache held.",
             registry=r)
+        self.prefix_cache_queried_tokens = Counter(
+            "omnibus_prefix_cache_queried_tokens", "Tokens looked up in the prefix cache at admission.", registry=r)
+        self.prefix_cache_hit_tokens = Counter(
+            "omnibus_prefix_cache_hit_tokens", "Tokens found in the prefix cache at admission.", registry=r)
         self.preemptions = Counter(
-            "omnibus_preemptions", "Requests preempted (by recompute) to free KV blocks.", registry=r)
+            "omnibus_preemptions", "Requests preempted (by recompute or swap) to free KV blocks.", registry=r)
+        self.swap_outs = Counter(
+            "omnibus_swap_outs", "Preemptions that swapped the victim's KV blocks to CPU memory.", registry=r)
         self.prompt_tokens = Counter(
             "omnibus_prompt_tokens", "Prompt tokens of requests, counted when first scheduled.", registry=r)
         self.generation_tokens = Counter(
@@ -65,6 +73,7 @@ class ServingMetrics:
             "omnibus_requests", "Generate calls by the gRPC status code they ended with.",
             labelnames=["code"], registry=r)
         self._http: WSGIServer | None = None
+        self._seen_queried_tokens = self._seen_hit_tokens = 0
 
     @property
     def port(self) -> int | None:
@@ -86,6 +95,8 @@ class ServingMetrics:
         """A step was scheduled: count its preemptions."""
         if record.preempted_req_ids:
             self.preemptions.inc(len(record.preempted_req_ids))
+        if record.swapped_out_req_ids:
+            self.swap_outs.inc(len(record.swapped_out_req_ids))
 
     def observe_first_scheduled(self, queue_time_s: float, num_prompt_tokens: int) -> None:
         self.queue_time.observe(queue_time_s)
@@ -103,10 +114,18 @@ class ServingMetrics:
         """A request finished normally (stop or length) this long after it arrived."""
         self.e2e_latency.observe(e2e_s)
 
-    def observe_queues(self, num_running: int, num_waiting: int, kv_cache_usage: float) -> None:
+    def observe_queues(self, num_running: int, num_waiting: int, kv_cache_usage: float, num_swapped: int = 0) -> None:
         self.num_running.set(num_running)
+        self.num_swapped.set(num_swapped)
         self.num_waiting.set(num_waiting)
         self.kv_cache_usage.set(kv_cache_usage)
+
+    def observe_prefix_cache(self, stats: PrefixCacheStats) -> None:
+        """The block manager's cumulative counts; counters advance by what is new since last time."""
+        self.prefix_cache_hit_rate.set(stats.hit_rate)
+        self.prefix_cache_queried_tokens.inc(stats.num_queried_tokens - self._seen_queried_tokens)
+        self.prefix_cache_hit_tokens.inc(stats.num_hit_tokens - self._seen_hit_tokens)
+        self._seen_queried_tokens, self._seen_hit_tokens = stats.num_queried_tokens, stats.num_hit_tokens
 
     def count_outcome(self, code_name: str) -> None:
         """One Generate call ended with this gRPC status code name ("OK", "UNAVAILABLE", ...)."""

@@ -33,11 +33,25 @@ class ModelLimits:
     kv_capacity_tokens: int  # tokens the whole KV pool holds; one request may not need more
 
 
+MAX_CACHE_SALT_LENGTH = 256
+
+
 @dataclass(slots=True)
 class ParsedRequest:
     client_request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
+    priority: int = 0
+    cache_salt: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class TokenUsage:
+    """Token counts reported with a finished request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int = 0
 
 
 def parse_generate_request(
@@ -46,7 +60,9 @@ def parse_generate_request(
     """Validate a GenerateRequest and tokenize its input."""
     prompt_token_ids = _prompt_token_ids(request, tokenizer, limits)
     sampling = _sampling_params(request.sampling, len(prompt_token_ids), limits)
-    return ParsedRequest(request.request_id, prompt_token_ids, sampling)
+    if len(request.cache_salt) > MAX_CACHE_SALT_LENGTH:
+        raise InvalidArgument("cache_salt", f"at most {MAX_CACHE_SALT_LENGTH} characters, got {len(request.cache_salt)}")
+    return ParsedRequest(request.request_id, prompt_token_ids, sampling, request.priority, request.cache_salt)
 
 
 def parse_chat_turns(messages) -> list[ChatTurn]:
@@ -151,11 +167,13 @@ def generate_response(
     token_ids: list[int],
     text: str,
     status: RequestStatus | None,
-    usage: tuple[int, int] | None,
+    usage: TokenUsage | None,
 ) -> pb.GenerateResponse:
     response = pb.GenerateResponse(
         request_id=request_id, token_ids=token_ids, text=text, finish_reason=finish_reason(status)
     )
     if usage is not None:
-        response.usage.prompt_tokens, response.usage.completion_tokens = usage
+        response.usage.prompt_tokens = usage.prompt_tokens
+        response.usage.completion_tokens = usage.completion_tokens
+        response.usage.cached_prompt_tokens = usage.cached_prompt_tokens
     return response

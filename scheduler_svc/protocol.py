@@ -5,8 +5,9 @@ Never pickle: a socket that unpickles runs whatever a peer sends it.
 The scheduler sends a request's full data once (`NewRequest`) and per-step diffs after that
 (`CachedRequest`): the worker keeps each request's token ids and block table, appends the tokens
 it samples itself, and asserts that its `num_computed_tokens` agrees with the scheduler's. A request
-resumed after a recompute-preemption is sent again as a `NewRequest` carrying its prompt and the
-outputs generated so far.
+resumed after a preemption is sent again as a `NewRequest` carrying its prompt and the outputs
+generated so far: from token 0 after a recompute-preemption, or with `num_computed_tokens` set and
+its blocks copied back from the worker's CPU swap space (`StepPlan.swap_in`) after a swap.
 
 Wire layout: every frame is one msgpack-encoded tagged struct (`{"type": ..., ...}` as an array).
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class SamplingOptions(msgspec.Struct, frozen=True, array_like=True):
@@ -58,6 +59,10 @@ class StepPlan(msgspec.Struct, tag="plan", array_like=True):
     new_requests: list[NewRequest]
     cached_requests: list[CachedRequest]
     finished_req_ids: list[str]  # finished, aborted or preempted: the worker drops their state
+    # (device block, CPU swap block) pairs. The worker copies swap_out before swap_in and both
+    # before the forward pass, so a block swapped out may be reused by this very step.
+    swap_out: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    swap_in: list[tuple[int, int]] = msgspec.field(default_factory=list)
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -84,6 +89,9 @@ class WorkerHello(msgspec.Struct, tag="hello", array_like=True):
     vocab_size: int
     device: str  # e.g. "cpu", "cuda:0"
     dtype: str  # e.g. "float32", "bfloat16"
+    num_swap_blocks: int = 0  # CPU swap space, in blocks (0: preemption is by recompute only)
+    kv_bytes_per_block: int = 0  # one block across every layer, K and V
+    swap_bytes_per_s: float = 0.0  # measured device -> CPU -> device copy rate, one direction
 
 
 class StepResult(msgspec.Struct, tag="result", array_like=True):

@@ -13,10 +13,11 @@ class RequestStatus(IntEnum):
 
     WAITING = 0
     RUNNING = 1
-    PREEMPTED = 2  # lost its KV blocks; waits at the front of the queue to be recomputed
-    FINISHED_STOPPED = 3  # eos, a stop token id, or a stop string (the engine checks those)
-    FINISHED_LENGTH = 4  # max_tokens or max_model_len reached
-    FINISHED_ABORTED = 5
+    PREEMPTED = 2  # lost its KV blocks; waits in its queue place to be recomputed
+    SWAPPED = 3  # its KV blocks are in the worker's CPU swap space; waits to be copied back
+    FINISHED_STOPPED = 4  # eos, a stop token id, or a stop string (the engine checks those)
+    FINISHED_LENGTH = 5  # max_tokens or max_model_len reached
+    FINISHED_ABORTED = 6
 
     @property
     def is_finished(self) -> bool:
@@ -66,11 +67,17 @@ class Request:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
-    arrival_time: float = 0.0  # informational; scheduling order is the order of add_request
+    arrival_time: float = 0.0  # seconds on the scheduler's clock; orders requests with priority
+    priority: int = 0  # lower runs first; waiting ages it (see request_queue.py)
+    cache_salt: str = ""  # prefix-cache blocks are shared only between equal salts
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    sequence_number: int = 0  # order of add_request: the FCFS tie-break, set by the scheduler
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    # Chained hashes of the request's full blocks so far (see block_hash.py), grown on demand.
+    block_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,14 +1,20 @@
 """Iteration-level scheduler: decides, every step, which tokens of which requests to compute.
 
 There are no prefill and decode phases. Each request has `num_computed_tokens`, and one token
-budget per step is shared, in arrival order, by the running requests (a decode token, or the next
-chunk of a prompt) and then by waiting requests admitted first-come first-served. When a running
-request needs a block and none is free, the latest-arrived running request is preempted by
-recompute: its blocks are freed and it waits at the front of the queue to start over.
+budget per step is shared by the running requests (a decode token, or the next chunk of a prompt)
+and then by waiting requests, admitted in queue order. A waiting request first takes whatever of
+its prefix the prefix cache holds, and computes only the rest. When a running request needs a
+block and none is free, the running request that sorts last is preempted: by recompute (its
+blocks are freed, staying in the prefix cache until evicted, and it computes them again later) or
+by swap (the worker copies them to its CPU swap space, and back when it resumes), per
+`SchedulerConfig.preemption_mode`. Either way it goes back to the queue, where its sort key gives
+it back its place.
 
-Arrival order is the order of `add_request`. Running requests always arrived before waiting ones
-(admission is FCFS and a preempted request goes back to the front), so both queues stay sorted
-by arrival without sorting: the running list's last entry is the latest arrival.
+Order is `request_queue.scheduling_key`: priority (lower first) aged by waiting time, then
+arrival. Both the waiting queue and the running list are kept in that order, so the running list
+is served in it and its last entry is the preemption victim: the lowest-priority, latest arrival.
+Admission never skips the queue's head (a request that does not fit blocks those behind it), so
+large requests are not starved by small ones.
 
 Static scheduling (`SchedulerConfig.scheduling == "static"`, the baseline to compare against)
 changes one decision, who may be admitted: once the previous batch has wholly finished, the first
@@ -18,6 +24,7 @@ if the budget allows, else over the next steps) until every one of them has fini
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,9 +32,12 @@ from itertools import islice
 
 from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.preemption_cost import PreemptionCost
 from scheduler_svc.protocol import CachedRequest, NewRequest, StepPlan, StepResult
 from scheduler_svc.request import Request, RequestStatus
+from scheduler_svc.request_queue import RequestQueue, scheduling_key
 from scheduler_svc.step_record import StepRecord
+from scheduler_svc.swap_pool import SwapPool
 
 
 class QueueFullError(RuntimeError):
@@ -51,6 +61,8 @@ class _Step:
     token_budget: int
     new_requests: list[NewRequest] = field(default_factory=list)
     cached_requests: list[CachedRequest] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -58,10 +70,15 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, max_records: int = 10_000) -> None:
         self.config = config
-        self.block_manager = BlockManager(config.num_kv_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            config.num_kv_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.requests: dict[str, Request] = {}  # unfinished requests only
-        self.waiting: deque[Request] = deque()  # WAITING and PREEMPTED, in arrival order
-        self.running: list[Request] = []  # RUNNING (they hold blocks), in arrival order
+        self.waiting = RequestQueue(config.priority_aging_s)  # WAITING and PREEMPTED
+        self.running: list[Request] = []  # RUNNING (they hold blocks), in queue order
+        self._num_added = 0
+        self.swap_pool = SwapPool(config.num_swap_blocks)
+        self.preemption_cost = PreemptionCost(config.kv_bytes_per_block, config.swap_bytes_per_s)
         self.records: deque[StepRecord] = deque(maxlen=max_records)
         # Requests the worker knows but must drop; sent with the next plan that runs anything.
         self._finished_req_ids: list[str] = []
@@ -76,6 +93,10 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+    @property
+    def num_swapped(self) -> int:
+        return sum(r.status == RequestStatus.SWAPPED for r in self.waiting)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -92,8 +113,10 @@ class Scheduler:
             raise QueueFullError(f"{len(self.waiting)} requests are already waiting")
         self._check_fits(request)
         request.status = RequestStatus.WAITING
+        request.sequence_number = self._num_added
+        self._num_added += 1
         self.requests[request.req_id] = request
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def abort_requests(self, req_ids: Iterable[str]) -> None:
         """Drop requests now; unknown and already finished ids are ignored."""
@@ -129,6 +152,10 @@ class Scheduler:
         """
         sampled = self._match_result(plan, result)
         return [self._append_token(request, token_id) for request, token_id in sampled]
+
+    def observe_step_time(self, num_scheduled_tokens: int, seconds: float) -> None:
+        """How long the worker took for a step: the recompute side of the preemption cost rule."""
+        self.preemption_cost.observe_step(num_scheduled_tokens, seconds)
 
     def _check_fits(self, request: Request) -> None:
         if request.num_computed_tokens or request.output_token_ids:
@@ -189,13 +216,26 @@ class Scheduler:
 
     def _preempt(self, request: Request, step: _Step) -> None:
         self.running.remove(request)
+        if self._should_swap(request):
+            block_ids = self.block_manager.get_block_ids(request.req_id)
+            step.swap_out += zip(block_ids, self.swap_pool.allocate(request.req_id, len(block_ids)))
+            request.status = RequestStatus.SWAPPED  # keeps num_computed_tokens: its K/V are kept
+            step.record.swapped_out_req_ids.append(request.req_id)
+        else:
+            request.status = RequestStatus.PREEMPTED
+            request.num_computed_tokens = 0
         self.block_manager.free(request)
-        request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
         request.num_preemptions += 1
-        self.waiting.appendleft(request)
-        self._finished_req_ids.append(request.req_id)
+        self.waiting.add(request)
+        self._finished_req_ids.append(request.req_id)  # resent whole when it resumes
         step.record.preempted_req_ids.append(request.req_id)
+
+    def _should_swap(self, request: Request) -> bool:
+        mode = self.config.preemption_mode
+        num_blocks = len(self.block_manager.get_block_ids(request.req_id))
+        if mode == "recompute" or not self.swap_pool.can_hold(num_blocks):
+            return False
+        return mode == "swap" or self.preemption_cost.prefers_swap(request.num_computed_tokens, num_blocks)
 
     def _schedule_waiting(self, step: _Step) -> None:
         while (
@@ -204,16 +244,46 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
             and self._may_admit(self.waiting[0])
         ):
-            request = self.waiting[0]
-            num_new_tokens = self._num_new_tokens(request, step.token_budget)
-            if num_new_tokens == 0:
-                break  # FCFS: nobody overtakes a request that does not fit
-            # The watermark is headroom for running requests to grow; with none it only blocks.
-            watermark_blocks = self.config.watermark_blocks if self.running else 0
-            if self.block_manager.allocate_slots(request, num_new_tokens, watermark_blocks) is None:
-                break
-            self.waiting.popleft()
-            self._admit(request, num_new_tokens, step)
+            if not self._try_admit(self.waiting[0], step):
+                break  # nobody overtakes the head of the queue
+
+    def _try_admit(self, request: Request, step: _Step) -> bool:
+        """Admit `request` with its prefix-cache hits if its next tokens fit; False if not."""
+        if request.status == RequestStatus.SWAPPED:
+            return self._try_swap_in(request, step)
+        computed_blocks = self.block_manager.get_computed_blocks(request)
+        num_hit_tokens = len(computed_blocks) * self.config.block_size
+        num_new_tokens = self._num_new_tokens(request, step.token_budget, num_hit_tokens)
+        if num_new_tokens == 0:
+            return False
+        # The watermark is headroom for running requests to grow; with none it only blocks.
+        watermark_blocks = self.config.watermark_blocks if self.running else 0
+        if self.block_manager.allocate_slots(
+            request, num_new_tokens, watermark_blocks, computed_blocks
+        ) is None:
+            return False
+        self.block_manager.record_lookup(request.num_tokens, num_hit_tokens)
+        if request.status == RequestStatus.WAITING:
+            request.num_cached_tokens = min(num_hit_tokens, request.num_prompt_tokens)
+        request.num_computed_tokens = num_hit_tokens
+        self.waiting.pop_first()
+        self._admit(request, num_new_tokens, step)
+        return True
+
+    def _try_swap_in(self, request: Request, step: _Step) -> bool:
+        """Resume a swapped-out request: new device blocks, its K/V copied back into them."""
+        num_new_tokens = self._num_new_tokens(request, step.token_budget)
+        if num_new_tokens == 0:
+            return False
+        watermark_blocks = self.config.watermark_blocks if self.running else 0
+        if self.block_manager.allocate_slots(request, num_new_tokens, watermark_blocks) is None:
+            return False
+        device_blocks = self.block_manager.get_block_ids(request.req_id)
+        step.swap_in += zip(device_blocks, self.swap_pool.free(request.req_id))
+        step.record.swapped_in_req_ids.append(request.req_id)
+        self.waiting.pop_first()
+        self._admit(request, num_new_tokens, step)
+        return True
 
     def _may_admit(self, request: Request) -> bool:
         """The batching policy: continuous admits anyone, static only the current batch."""
@@ -226,12 +296,12 @@ class Scheduler:
         return request.req_id in self._static_batch
 
     def _admit(self, request: Request, num_new_tokens: int, step: _Step) -> None:
-        if request.status == RequestStatus.PREEMPTED:
+        if request.status in (RequestStatus.PREEMPTED, RequestStatus.SWAPPED):
             step.record.resumed_req_ids.append(request.req_id)
         else:
             step.record.new_req_ids.append(request.req_id)
         request.status = RequestStatus.RUNNING
-        self.running.append(request)
+        bisect.insort(self.running, request, key=self._running_key)
         step.new_requests.append(
             NewRequest(
                 req_id=request.req_id,
@@ -244,9 +314,15 @@ class Scheduler:
         )
         self._commit(request, num_new_tokens, step)
 
-    def _num_new_tokens(self, request: Request, token_budget: int) -> int:
-        """Tokens `request` can compute within `token_budget` (0: none this step)."""
-        num_remaining = request.num_tokens - request.num_computed_tokens
+    def _running_key(self, request: Request) -> tuple[float, int]:
+        return scheduling_key(request, self.config.priority_aging_s)
+
+    def _num_new_tokens(self, request: Request, token_budget: int, num_computed: int | None = None) -> int:
+        """Tokens `request` can compute within `token_budget` (0: none this step), counting
+        from `num_computed` (default: its `num_computed_tokens`)."""
+        if num_computed is None:
+            num_computed = request.num_computed_tokens
+        num_remaining = request.num_tokens - num_computed
         if num_remaining <= token_budget:
             return num_remaining
         return token_budget if self.config.enable_chunked_prefill else 0
@@ -259,7 +335,9 @@ class Scheduler:
 
     def _build_plan(self, step: _Step) -> StepPlan:
         if not step.new_requests and not step.cached_requests:
-            # Nothing runs, so nothing is sent: finished ids wait for a step that is.
+            # Nothing runs, so nothing is sent: finished ids wait for a step that is. (A step
+            # that swaps always runs something: the request whose growth forced the swap-out.)
+            assert not step.swap_out and not step.swap_in
             return StepPlan(self._next_step_id, [], [], [])
         finished_req_ids, self._finished_req_ids = self._finished_req_ids, []
         record = step.record
@@ -269,7 +347,8 @@ class Scheduler:
         record.num_running = len(self.running)
         self.records.append(record)
         self._next_step_id += 1
-        return StepPlan(record.step_id, step.new_requests, step.cached_requests, finished_req_ids)
+        return StepPlan(record.step_id, step.new_requests, step.cached_requests, finished_req_ids,
+                        swap_out=step.swap_out, swap_in=step.swap_in)
 
     def _match_result(self, plan: StepPlan, result: StepResult) -> list[tuple[Request, int]]:
         """Pair each sampled token with its request, checking the result against the plan."""
@@ -325,6 +404,8 @@ class Scheduler:
             self._finished_req_ids.append(request.req_id)  # the worker holds its state
         else:
             self.waiting.remove(request)
+            if request.status == RequestStatus.SWAPPED:
+                self.swap_pool.free(request.req_id)
         request.status = status
         del self.requests[request.req_id]
         self._static_batch.discard(request.req_id)

@@ -14,6 +14,8 @@ class StepRecord:
     new_req_ids: list[str] = field(default_factory=list)  # scheduled for the first time
     resumed_req_ids: list[str] = field(default_factory=list)  # re-admitted after a preemption
     preempted_req_ids: list[str] = field(default_factory=list)  # preempted in this step
+    swapped_out_req_ids: list[str] = field(default_factory=list)  # the preempted that were swapped
+    swapped_in_req_ids: list[str] = field(default_factory=list)  # the resumed that were swapped
     finished_req_ids: list[str] = field(default_factory=list)  # as sent in the plan
     num_free_blocks: int = 0
     num_waiting: int = 0

@@ -28,11 +28,14 @@ class ServerThread:
     """An Omnibus server on an ephemeral loopback port, started and stopped by a test fixture."""
 
     def __init__(
-        self, model_dir: Path, num_kv_blocks: int, credentials: grpc.ChannelCredentials | None = None, **options
+        self, model_dir: Path, num_kv_blocks: int, credentials: grpc.ChannelCredentials | None = None,
+        worker_args: list[str] | None = None, **options
     ):
-        """`options` go to ServingOptions; `credentials` are what `channel()` and `stub()` use (TLS)."""
+        """`options` go to ServingOptions, `worker_args` to the worker's command line;
+        `credentials` are what `channel()` and `stub()` use (TLS)."""
         self.model_dir = model_dir
         self.num_kv_blocks = num_kv_blocks
+        self.worker_args = worker_args or []
         self.credentials = credentials
         self.options = ServingOptions(model_dir=model_dir, model_id="test-model", port=0, **options)
         self.processes: list[subprocess.Popen] = []
@@ -89,7 +92,7 @@ class ServerThread:
         command = [
             sys.executable, "-m", "worker_svc", "--scheduler", endpoint, "--model", str(self.model_dir),
             "--device", "cpu", "--num-kv-blocks", str(self.num_kv_blocks), "--block-size", "16",
-            "--parent-pid", str(os.getpid()),
+            "--parent-pid", str(os.getpid()), *self.worker_args,
         ]
         self.processes = [subprocess.Popen(command)]
         return self.processes

@@ -80,6 +80,24 @@ def small_server(model_dir):
     running.stop()
 
 
+@pytest.fixture(scope="module")
+def swap_server(model_dir):
+    """The tiny pool again, preempting by swap into 0.05 GiB (about 70 blocks) of CPU swap space."""
+    running = ServerThread(model_dir, num_kv_blocks=40, preemption_mode="swap",
+                           worker_args=["--swap-space-gb", "0.05"]).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def chunked_server(model_dir):
+    """At most 32 tokens per step and no prefix cache: long prompts prefill in many chunks."""
+    running = ServerThread(model_dir, num_kv_blocks=512, max_num_batched_tokens=32, max_num_seqs=8,
+                           enable_prefix_caching=False).start()
+    yield running
+    running.stop()
+
+
 def assert_matches_reference(ours: list[int], expected: list[int], gaps: list[float], label: str) -> None:
     assert len(ours) == len(expected), f"{label}: {len(ours)} tokens, expected {len(expected)}"
     for step, (got, want) in enumerate(zip(ours, expected)):
@@ -89,6 +107,11 @@ def assert_matches_reference(ours: list[int], expected: list[int], gaps: list[fl
                 f"there is {gaps[step]:.2e}, not a near-tie"
             )
             return  # after a legitimate near-tie the continuations may differ
+
+
+def assert_all_match(outputs: list[list[int]], reference, label: str) -> None:
+    for index, (ours, (expected, gaps)) in enumerate(zip(outputs, reference)):
+        assert_matches_reference(ours, expected, gaps, f"prompt {index} {label}")
 
 
 def generate_concurrently(server: ServerThread, requests: list[pb.GenerateRequest]) -> list[list[int]]:
@@ -108,12 +131,48 @@ def test_greedy_matches_transformers_concurrently(server, prompts, reference):
 
 def test_preemption_keeps_outputs_identical(small_server, prompts, reference):
     outputs = generate_concurrently(small_server, [greedy_request(p, NUM_NEW_TOKENS) for p in prompts])
-    for index, (ours, (expected, gaps)) in enumerate(zip(outputs, reference)):
-        assert_matches_reference(ours, expected, gaps, f"prompt {index} under preemption")
+    assert_all_match(outputs, reference, "under preemption")
     records = small_server.call(lambda app: list(app.engine.scheduler.records))
     assert sum(len(r.preempted_req_ids) for r in records) > 0, "the tiny pool never preempted"
     free = small_server.call(lambda app: app.engine.scheduler.block_manager.num_free_blocks)
     assert free == 40
+
+
+def test_swap_preemption_keeps_outputs_identical(swap_server, prompts, reference):
+    outputs = generate_concurrently(swap_server, [greedy_request(p, NUM_NEW_TOKENS) for p in prompts])
+    assert_all_match(outputs, reference, "under swap preemption")
+    records = swap_server.call(lambda app: list(app.engine.scheduler.records))
+    assert sum(len(r.swapped_out_req_ids) for r in records) > 0, "the tiny pool never swapped"
+    assert sum(len(r.swapped_in_req_ids) for r in records) > 0
+    state = swap_server.call(lambda app: (app.engine.scheduler.block_manager.num_free_blocks,
+                                          app.engine.scheduler.swap_pool.num_free_blocks,
+                                          app.engine.scheduler.swap_pool.num_blocks))
+    assert state[0] == 40 and state[1] == state[2] > 0
+
+
+def test_chunked_prefill_keeps_outputs_identical(chunked_server, prompts, reference):
+    outputs = generate_concurrently(chunked_server, [greedy_request(p, NUM_NEW_TOKENS) for p in prompts])
+    assert_all_match(outputs, reference, "with chunked prefill")
+    steps = chunked_server.call(lambda app: list(app.engine.scheduler.records))
+    mixed = [s for s in steps if 1 in s.num_scheduled_tokens.values() and max(s.num_scheduled_tokens.values()) > 1]
+    assert mixed, "no step ran a prompt chunk beside decoding requests"
+    assert max(sum(s.num_scheduled_tokens.values()) for s in steps) <= 32
+
+
+def test_prefix_cache_hits_keep_outputs_identical(server, prompts, reference):
+    stub = server.stub()
+    prompt, (expected, gaps) = prompts[6], reference[6]
+    collect_tokens(stub, greedy_request(prompt, 1))  # whatever ran before, the prompt is cached now
+    tokens, _, last = collect_tokens(stub, greedy_request(prompt, NUM_NEW_TOKENS))
+    assert last.usage.cached_prompt_tokens == (len(prompt) - 1) // 16 * 16
+    assert_matches_reference(tokens, expected, gaps, "prompt 6 from the prefix cache")
+    salted = greedy_request(prompt, NUM_NEW_TOKENS)
+    salted.cache_salt = f"tenant-{time.monotonic_ns()}"  # a salt no earlier request used
+    tokens, _, last = collect_tokens(stub, salted)
+    assert last.usage.cached_prompt_tokens == 0
+    assert_matches_reference(tokens, expected, gaps, "prompt 6 with a new cache salt")
+    hit_rate = server.call(lambda app: app.engine.scheduler.block_manager.stats.hit_rate)
+    assert 0 < hit_rate < 1
 
 
 def test_request_joins_running_batch_at_next_step(server, prompts):

@@ -1,8 +1,10 @@
 """Scheduler decisions on tiny pools, driven by a fake worker that keeps a worker's state.
 
-The fake worker "samples" a token from a hash of the request's whole context, so an output only
-matches the uncontended reference if every plan carried the right tokens (for instance the
-outputs of a preempted request when it is resent).
+The fake worker keeps a fake KV pool (one token id per slot) and "samples" a token from a hash
+of the context it reads back through the request's block table. An output therefore matches the
+uncontended reference only if every plan carried the right tokens (for instance the outputs of a
+preempted request when it is resent) and the right blocks (a prefix-cache hit on a block that
+holds other tokens, or one evicted and overwritten, changes the output).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import random
 import subprocess
 import sys
 import zlib
+from collections import Counter
 from array import array
 
 import pytest
@@ -37,12 +40,16 @@ class FakeWorker:
         self.token_ids: dict[str, list[int]] = {}
         self.block_tables: dict[str, list[int]] = {}
         self.num_computed_tokens: dict[str, int] = {}
+        self.kv_slots: dict[int, int] = {}  # slot -> the token id whose "K/V" it holds
+        self.swap_slots: dict[int, int] = {}  # the same, in the CPU swap space
 
     def execute(self, plan: StepPlan) -> StepResult:
         for req_id in plan.finished_req_ids:
             assert req_id in self.token_ids, f"told to drop unknown request {req_id}"
             for state in (self.token_ids, self.block_tables, self.num_computed_tokens):
                 del state[req_id]
+        self._copy_blocks(self.kv_slots, self.swap_slots, plan.swap_out)
+        self._copy_blocks(self.swap_slots, self.kv_slots, [(cpu, dev) for dev, cpu in plan.swap_in])
         scheduled = []
         for new in plan.new_requests:
             assert new.req_id not in self.token_ids, f"{new.req_id} sent twice"
@@ -65,11 +72,27 @@ class FakeWorker:
             tokens = self.token_ids[req_id]
             assert num_computed <= len(tokens)
             assert len(self.block_tables[req_id]) * self.block_size >= num_computed
+            for position in range(num_computed - num_new_tokens, num_computed):
+                self.kv_slots[self._slot(req_id, position)] = tokens[position]
             if num_computed == len(tokens):
-                tokens.append(sample_token(tokens))
+                context = [self.kv_slots.get(self._slot(req_id, i), -1) for i in range(num_computed)]
+                tokens.append(sample_token(context))
                 req_ids.append(req_id)
                 token_ids.append(tokens[-1])
         return StepResult(step_id, 0, req_ids, token_ids, 0.0)
+
+    def _copy_blocks(self, source: dict[int, int], target: dict[int, int], pairs) -> None:
+        for from_block, to_block in pairs:
+            for i in range(self.block_size):
+                token = source.get(from_block * self.block_size + i)
+                if token is None:
+                    target.pop(to_block * self.block_size + i, None)
+                else:
+                    target[to_block * self.block_size + i] = token
+
+    def _slot(self, req_id: str, position: int) -> int:
+        block_id = self.block_tables[req_id][position // self.block_size]
+        return block_id * self.block_size + position % self.block_size
 
 
 def reference_output(request: Request, max_model_len: int) -> tuple[list[int], RequestStatus]:
@@ -524,15 +547,20 @@ def test_scheduler_svc_core_imports_no_gpu_libraries():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+SHARED_PREFIXES = [[7] * 9, [1, 2, 3, 4, 5, 6, 7, 8], [42] * 4]
+
+
 def random_request(rng: random.Random, req_id: str, max_model_len: int) -> Request:
-    prompt = [rng.randrange(VOCAB_SIZE) for _ in range(rng.randint(1, 24))]
+    """Random lengths and stops; half the prompts start with a shared prefix, a few salted."""
+    prefix = rng.choice(SHARED_PREFIXES) if rng.random() < 0.5 else []
+    prompt = prefix + [rng.randrange(VOCAB_SIZE) for _ in range(rng.randint(1, 24 - len(prefix)))]
     params = SamplingParams(
         max_tokens=rng.randint(1, max_model_len - len(prompt) + 2),
         stop_token_ids=rng.sample(range(VOCAB_SIZE), 20) if rng.random() < 0.3 else [],
         ignore_eos=rng.random() < 0.2,
     )
     eos = frozenset(rng.sample(range(VOCAB_SIZE), 10))
-    return Request(req_id, prompt, params, eos)
+    return Request(req_id, prompt, params, eos, cache_salt=rng.choice(["", "", "", "tenant"]))
 
 
 def check_worker_view(scheduler: Scheduler, worker: FakeWorker, arrival: dict[str, int]) -> None:
@@ -545,8 +573,9 @@ def check_worker_view(scheduler: Scheduler, worker: FakeWorker, arrival: dict[st
         )
         assert worker.num_computed_tokens[request.req_id] == request.num_computed_tokens
         assert worker.token_ids[request.req_id][: request.num_tokens] == request.all_token_ids
-    held = [b for req_id in running_ids for b in scheduler.block_manager.get_block_ids(req_id)]
-    assert len(held) == len(set(held))
+    held = Counter(b for req_id in running_ids for b in scheduler.block_manager.get_block_ids(req_id))
+    for block_id, num_holders in held.items():  # shared prefix blocks are counted, never lost
+        assert scheduler.block_manager.blocks[block_id].ref_cnt == num_holders
     assert len(held) + scheduler.block_manager.num_free_blocks == scheduler.config.num_kv_blocks
     order = [arrival[req_id] for req_id in running_ids]
     order += [arrival[r.req_id] for r in scheduler.waiting]
@@ -554,8 +583,11 @@ def check_worker_view(scheduler: Scheduler, worker: FakeWorker, arrival: dict[st
     assert len(running_ids) <= scheduler.config.max_num_seqs
 
 
-@pytest.mark.parametrize("enable_chunked_prefill", [True, False])
-def test_long_random_run_under_memory_pressure(enable_chunked_prefill):
+@pytest.mark.parametrize(
+    "enable_chunked_prefill, preemption_mode",
+    [(True, "recompute"), (False, "recompute"), (True, "swap")],
+)
+def test_long_random_run_under_memory_pressure(enable_chunked_prefill, preemption_mode):
     rng = random.Random(20240601 + enable_chunked_prefill)
     max_model_len = 32
     scheduler = Scheduler(
@@ -567,6 +599,8 @@ def test_long_random_run_under_memory_pressure(enable_chunked_prefill):
             max_queued_requests=20,
             watermark=0.1,
             enable_chunked_prefill=enable_chunked_prefill,
+            preemption_mode=preemption_mode,
+            num_swap_blocks=8,  # room for a few victims: the others are recomputed
         )
     )
     worker = FakeWorker()
@@ -575,7 +609,7 @@ def test_long_random_run_under_memory_pressure(enable_chunked_prefill):
     outputs: dict[str, list[int]] = {}
     statuses: dict[str, RequestStatus] = {}
     aborted: set[str] = set()
-    num_partial_prefills = 0
+    num_partial_prefills = num_hit_tokens = 0
     backlog = [random_request(rng, f"r{i}", max_model_len) for i in range(1000)]
     backlog.reverse()
     while backlog or scheduler.has_unfinished_requests():
@@ -599,7 +633,10 @@ def test_long_random_run_under_memory_pressure(enable_chunked_prefill):
         plan = scheduler.schedule()
         assert plan.new_requests or plan.cached_requests, "unfinished requests but nothing runs"
         assert plan.num_scheduled_tokens <= scheduler.config.max_num_batched_tokens
-        num_partial_prefills += sum(r.num_new_tokens < len(r.token_ids) for r in plan.new_requests)
+        num_partial_prefills += sum(
+            r.num_computed_tokens + r.num_new_tokens < len(r.token_ids) for r in plan.new_requests
+        )
+        num_hit_tokens += sum(r.num_computed_tokens for r in plan.new_requests)
         result = worker.execute(plan)
         check_worker_view(scheduler, worker, arrival)
         if rng.random() < 0.02:  # an abort that lands while the step runs
@@ -627,3 +664,8 @@ def test_long_random_run_under_memory_pressure(enable_chunked_prefill):
     assert len(aborted) > 20
     assert set(statuses.values()) == {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH}
     assert (num_partial_prefills > 50) == enable_chunked_prefill
+    assert num_hit_tokens > 1000  # shared prefixes and recompute-preempted requests hit the cache
+    num_swapped = sum(len(r.swapped_out_req_ids) for r in scheduler.records)
+    assert (num_swapped > 20) == (preemption_mode == "swap")
+    assert sum(len(r.swapped_in_req_ids) for r in scheduler.records) > 20 or preemption_mode != "swap"
+    assert scheduler.swap_pool.num_free_blocks == 8

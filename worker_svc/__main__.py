@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KV pool size in blocks (default: from the memory budget)")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=2.0,
                         help="KV pool budget on CPU")
+    parser.add_argument("--swap-space-gb", type=float, default=None,
+                        help="host memory for swapped-out KV blocks (default: 4 with a GPU, 0 on CPU)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="fraction of GPU memory for weights, activations and KV pool")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
@@ -55,6 +57,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
+        swap_space_gb=args.swap_space_gb,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_batched_tokens=args.max_num_batched_tokens,
         load_format=args.load_format,

@@ -11,8 +11,9 @@ from worker_svc.attention_metadata import AttentionMetadata
 from worker_svc.input_batch import InputBatch, prepare_inputs, to_device
 from worker_svc.kv_cache import KVCaches
 from worker_svc.models.llama import LlamaForCausalLM
-from worker_svc.request_state import RequestStates, ScheduledRequest
+from worker_svc.request_state import PlanError, RequestStates, ScheduledRequest
 from worker_svc.sampler import Sampler
+from worker_svc.swap_space import SwapSpace
 
 # Exercises the sampler's widest path (sort for top-k/top-p) during memory profiling.
 _PROFILE_SAMPLING = SamplingOptions(temperature=1.0, top_k=50, top_p=0.9)
@@ -31,6 +32,7 @@ class ModelRunner:
         *,
         max_model_len: int | None = None,
         sampler_seed: int | None = None,
+        swap_space: SwapSpace | None = None,
     ) -> None:
         if len(kv_caches) != model.num_layers:
             raise ValueError(f"{len(kv_caches)} KV cache layers for a {model.num_layers}-layer model")
@@ -42,6 +44,7 @@ class ModelRunner:
         self.num_blocks = kv_caches[0][0].shape[0]
         self.requests = RequestStates(block_size, self.num_blocks, max_model_len)
         self.sampler = Sampler(self.device, seed=sampler_seed)
+        self.swap_space = swap_space
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step and return the sampled tokens, in batch order.
@@ -50,10 +53,14 @@ class ModelRunner:
         state is as before the plan, except that its finished requests are dropped.
         """
         started = time.perf_counter()
+        self._check_swaps(plan)
         scheduled = self.requests.apply(plan)
         req_ids: list[str] = []
         token_ids: list[int] = []
         try:
+            if self.swap_space is not None:
+                self.swap_space.swap_out(self.kv_caches, plan.swap_out)
+                self.swap_space.swap_in(self.kv_caches, plan.swap_in)
             if scheduled:
                 req_ids, token_ids = self._run(scheduled)
         except BaseException:
@@ -68,6 +75,16 @@ class ModelRunner:
             token_ids=token_ids,
             execute_time_s=time.perf_counter() - started,
         )
+
+    def _check_swaps(self, plan: StepPlan) -> None:
+        if not (plan.swap_out or plan.swap_in):
+            return
+        if self.swap_space is None:
+            raise PlanError(f"step {plan.step_id} swaps blocks, but this worker has no swap space")
+        try:
+            self.swap_space.check(plan.swap_out + plan.swap_in, self.num_blocks)
+        except ValueError as error:
+            raise PlanError(f"step {plan.step_id}: {error}") from None
 
     def _run(self, scheduled: list[ScheduledRequest]) -> tuple[list[str], list[int]]:
         batch = prepare_inputs(scheduled, self.block_size)

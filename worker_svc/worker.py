@@ -29,6 +29,7 @@ from worker_svc.kv_cache import (
 from worker_svc.model_runner import ModelRunner
 from worker_svc.model_store import DEFAULT_MODEL, load_model, model_fingerprint, prepare_model
 from worker_svc.models.llama import LlamaForCausalLM
+from worker_svc.swap_space import SwapSpace
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class WorkerConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides the memory budget below
     kv_cache_memory_gb: float = 2.0  # CPU budget
+    # Host memory for the KV blocks of swapped-out requests. None: 4 GiB beside a GPU, none on
+    # a CPU worker (its pool is host memory already; recomputing is the only sensible preemption).
+    swap_space_gb: float | None = None
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of total memory the worker may use
     max_num_batched_tokens: int = 8192  # size of the CUDA profiling step
     load_format: str = "auto"  # auto | safetensors | random
@@ -71,6 +75,8 @@ class WorkerConfig:
             raise ValueError(f"dtype {self.dtype!r} is not auto or one of {sorted(_DTYPES)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError("num_kv_blocks must be positive")
+        if self.swap_space_gb is not None and self.swap_space_gb < 0:
+            raise ValueError("swap_space_gb must be >= 0")
 
     @property
     def identity(self) -> bytes:
@@ -113,8 +119,10 @@ def build_runner(config: WorkerConfig) -> tuple[ModelRunner, protocol.WorkerHell
                        dtype)
     num_blocks = _num_kv_blocks(config, model, spec, device, max_model_len)
     kv_caches = allocate_kv_caches(spec, num_blocks, device)
+    swap_space = _swap_space(config, spec, device)
+    swap_bytes_per_s = 0.0 if swap_space is None else swap_space.measure_bytes_per_s(kv_caches, spec.bytes_per_block)
     runner = ModelRunner(model, kv_caches, config.block_size, device, config.rank,
-                         max_model_len=max_model_len)
+                         max_model_len=max_model_len, swap_space=swap_space)
     hello = protocol.WorkerHello(
         protocol_version=protocol.PROTOCOL_VERSION,
         rank=config.rank,
@@ -127,6 +135,9 @@ def build_runner(config: WorkerConfig) -> tuple[ModelRunner, protocol.WorkerHell
         vocab_size=model.vocab_size,
         device=str(device),
         dtype=dtype_name(dtype),
+        num_swap_blocks=0 if swap_space is None else swap_space.num_blocks,
+        kv_bytes_per_block=spec.bytes_per_block,
+        swap_bytes_per_s=swap_bytes_per_s,
     )
     logger.info(
         "worker %d ready: model %s, device %s, dtype %s, %d KV blocks of %d tokens "
@@ -136,6 +147,14 @@ def build_runner(config: WorkerConfig) -> tuple[ModelRunner, protocol.WorkerHell
         time.perf_counter() - started,
     )
     return runner, hello
+
+
+def _swap_space(config: WorkerConfig, spec: KVCacheSpec, device: torch.device) -> SwapSpace | None:
+    gib = config.swap_space_gb
+    if gib is None:
+        gib = 4.0 if device.type == "cuda" else 0.0
+    num_blocks = int(gib * (1 << 30)) // spec.bytes_per_block
+    return SwapSpace(spec, num_blocks, device) if num_blocks > 0 else None
 
 
 def attention_ops(backend: str, device: torch.device) -> AttentionOps:
