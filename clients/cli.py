@@ -76,6 +76,9 @@ def _add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
                         help="health turns NOT_SERVING after this many seconds without a step while requests are unfinished")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM/SIGINT, seconds to let requests in flight finish before ending them")
+    parser.add_argument("--drain-delay", type=float, default=0.0,
+                        help="on SIGTERM/SIGINT, seconds to stay NOT_SERVING but still accept requests first, "
+                             "so a load balancer's health check takes this replica out before it refuses any")
     parser.add_argument("--tls-cert", default=None, help="PEM server certificate (chain): serve gRPC over TLS")
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     parser.add_argument("--tls-client-ca", default=None, help="PEM CA bundle: require client certificates it signed (mTLS)")
@@ -171,6 +174,7 @@ def _serving_options(args: argparse.Namespace, model_dir: Path, **overrides):
         tls=_tls_config(args),
         stall_timeout_s=args.stall_timeout,
         drain_timeout_s=args.drain_timeout,
+        drain_delay_s=args.drain_delay,
         **overrides,
     )
 
@@ -193,8 +197,11 @@ def _run_scheduler(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signal(options, spawn) -> int:
+    """Serve until SIGTERM/SIGINT (drain, exit 0) or until the engine dies (exit 1, so that a
+    supervisor restarts us and the workers rather than leave a replica NOT_SERVING forever)."""
     from scheduler_svc.app import ServingApp
 
+    log = logging.getLogger("omnibus")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -203,20 +210,25 @@ async def _serve_until_signal(options, spawn) -> int:
     starting = asyncio.create_task(app.start(spawn))
     stopping = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    code = 0
     if starting in done and starting.exception() is not None:
-        logging.getLogger("omnibus").error("startup failed: %s", starting.exception())
-        code = 1
-    elif starting in done:
-        await stopping
-    starting.cancel()
-    if code == 0 and app.engine is not None:
-        logging.getLogger("omnibus").info("signal received: draining")
-        await app.drain()  # bounded by options.drain_timeout_s
-    else:
-        logging.getLogger("omnibus").info("stopping")
+        log.error("startup failed: %s", starting.exception())
         await app.stop()
-    return code
+        return 1
+    starting.cancel()
+    if app.engine is None:  # a signal before the workers registered
+        log.info("stopping")
+        await app.stop()
+        return 0
+    dying = asyncio.create_task(app.dead.wait())
+    await asyncio.wait({stopping, dying}, return_when=asyncio.FIRST_COMPLETED)
+    if app.dead.is_set():
+        log.error("the engine is dead (%s); exiting", app.engine.dead_reason or app.workers.dead_reason)
+        await app.stop()
+        return 1
+    dying.cancel()
+    log.info("signal received: draining")
+    await app.drain()  # bounded by options.drain_delay_s + drain_timeout_s
+    return 0
 
 
 def _run_generate(args: argparse.Namespace) -> int:

@@ -55,6 +55,9 @@ class ServingOptions:
     tls: TlsConfig | None = None  # None: plain-text gRPC
     stall_timeout_s: float = 60.0  # no step for this long with requests unfinished: NOT_SERVING
     drain_timeout_s: float = 30.0  # how long a drain lets requests in flight finish
+    # Lame-duck period at the start of a drain: readiness is NOT_SERVING but new requests are
+    # still served, so a load balancer's health check can take us out of rotation first.
+    drain_delay_s: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -75,6 +78,8 @@ class ServingApp:
         self._health_task: asyncio.Task | None = None
         self._stalled = False
         self._stopped = False
+        self._lame_duck = False
+        self.dead = asyncio.Event()  # set when the engine dies (a worker failed)
 
     @property
     def metrics_port(self) -> int | None:
@@ -90,8 +95,10 @@ class ServingApp:
         engine = self.engine
         return (
             engine is not None
+            and not self._lame_duck
             and not self.service.draining
             and engine.dead_reason is None
+            and self.workers.dead_reason is None  # a worker died while the engine idled
             and not engine.is_stalled(self.options.stall_timeout_s)
         )
 
@@ -117,9 +124,15 @@ class ServingApp:
         logger.info("ready: serving %s on %s:%d", self.options.model_id, self.options.host, self.port)
 
     async def drain(self, timeout_s: float | None = None) -> None:
-        """Graceful stop (SIGTERM): turn NOT_SERVING and refuse new requests with UNAVAILABLE, let
-        requests in flight finish for up to `timeout_s` (default: the options'), then stop."""
+        """Graceful stop (SIGTERM): turn NOT_SERVING, keep serving for `drain_delay_s` while load
+        balancers notice, then refuse new requests with UNAVAILABLE, let requests in flight finish
+        for up to `timeout_s` (default: the options'), and stop."""
         timeout_s = self.options.drain_timeout_s if timeout_s is None else timeout_s
+        if self.options.drain_delay_s > 0:
+            self._lame_duck = True
+            await self.refresh_health()
+            logger.info("draining: NOT_SERVING, still accepting requests for %.1f s", self.options.drain_delay_s)
+            await asyncio.sleep(self.options.drain_delay_s)
         self.service.draining = True
         await self.refresh_health()
         if self.engine is not None and self.engine.num_active_requests:
@@ -166,6 +179,9 @@ class ServingApp:
             elif self._stalled and not stalled:
                 logger.info("engine is making progress again")
             self._stalled = stalled
+            if self.workers.dead_reason is not None and not self.dead.is_set():
+                logger.error("worker group is dead: %s", self.workers.dead_reason)
+                self.dead.set()
             await self.refresh_health()
 
     def _start_engine(self, hellos: list[WorkerHello]) -> None:
@@ -213,4 +229,5 @@ class ServingApp:
         )
 
     def _on_engine_dead(self, reason: str) -> None:
+        self.dead.set()
         asyncio.get_running_loop().create_task(self.refresh_health())

@@ -75,6 +75,13 @@ class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     reason: str = ""
 
 
+class Reregister(msgspec.Struct, tag="reregister", array_like=True):
+    """To a worker heartbeating at a scheduler that never saw its hello (the scheduler restarted):
+    drop every request and send `WorkerHello` again."""
+
+    reason: str = ""
+
+
 class WorkerHello(msgspec.Struct, tag="hello", array_like=True):
     """A worker's registration: the scheduler sizes its block pool from this."""
 
@@ -117,7 +124,7 @@ class WorkerError(msgspec.Struct, tag="error", array_like=True):
     message: str
 
 
-SchedulerToWorker = StepPlan | Shutdown
+SchedulerToWorker = StepPlan | Shutdown | Reregister
 WorkerToScheduler = WorkerHello | StepResult | Heartbeat | WorkerError
 
 _encoder = msgspec.msgpack.Encoder()
@@ -129,7 +136,7 @@ def encode(message: msgspec.Struct) -> bytes:
     return _encoder.encode(message)
 
 
-def decode_for_worker(frame: bytes) -> StepPlan | Shutdown:
+def decode_for_worker(frame: bytes) -> StepPlan | Shutdown | Reregister:
     return _to_worker.decode(frame)
 
 

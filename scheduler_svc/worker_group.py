@@ -4,6 +4,10 @@ One ROUTER socket: workers connect DEALERs, register with a `WorkerHello`, answe
 with a `StepResult`, and send heartbeats from a second DEALER. A monitor task declares the group
 dead when a worker process we spawned exits or a worker's heartbeats stop; a pending step then
 fails at once with `WorkerDiedError` instead of hanging.
+
+A worker that heartbeats without having registered here belongs to a previous incarnation of
+this scheduler (it crashed and restarted on the same address): it is asked to `Reregister`, so
+a separately started worker rejoins a restarted scheduler without being restarted itself.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import zmq
 import zmq.asyncio
 
 from scheduler_svc import protocol
-from scheduler_svc.protocol import Heartbeat, StepPlan, StepResult, WorkerError, WorkerHello
+from scheduler_svc.protocol import Heartbeat, Reregister, StepPlan, StepResult, WorkerError, WorkerHello
+
+_REREGISTER_INTERVAL_S = 2.0  # between two requests to the same unregistered worker
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +73,7 @@ class WorkerGroup:
         self._pending: _PendingStep | None = None
         self._registered = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._asked_to_register: dict[int, float] = {}  # rank -> when we last asked
         self.dead_reason: str | None = None
 
     @property
@@ -114,6 +121,8 @@ class WorkerGroup:
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:
         """Ask workers to exit, wait for spawned processes, then close the socket."""
+        for task in self._tasks[1:]:
+            task.cancel()  # the monitor: workers exiting now is the plan, not a death
         frame = protocol.encode(protocol.Shutdown(reason="scheduler stopping"))
         for worker in list(self._workers.values()):
             try:
@@ -138,10 +147,26 @@ class WorkerGroup:
                 logger.error("dropping undecodable frame from %r: %s", identity, error)
                 continue
             self._handle(identity, message)
+            if isinstance(message, Heartbeat) and message.rank not in self._workers:
+                await self._ask_to_register(message.rank)
+
+    async def _ask_to_register(self, rank: int) -> None:
+        now = time.monotonic()
+        if now - self._asked_to_register.get(rank, -_REREGISTER_INTERVAL_S) < _REREGISTER_INTERVAL_S:
+            return
+        self._asked_to_register[rank] = now
+        logger.info("worker %d heartbeats but never registered here; asking it to register", rank)
+        frame = protocol.encode(Reregister(reason="scheduler restarted"))
+        try:
+            await self._socket.send_multipart([f"worker-{rank}".encode(), frame], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as error:
+            logger.warning("cannot reach worker %d to ask it to register: %s", rank, error)
 
     def _handle(self, identity: bytes, message) -> None:
         now = time.monotonic()
         if isinstance(message, Heartbeat):
+            if message.rank not in self._workers:
+                return  # not ours (yet): its silence must not count as our worker's death
             self._heartbeats[message.rank] = now
         elif isinstance(message, WorkerHello):
             self._register(identity, message, now)
@@ -153,7 +178,12 @@ class WorkerGroup:
             self._fail_pending(message.step_id, WorkerStepError(f"worker {message.rank}: {message.message}"))
 
     def _register(self, identity: bytes, hello: WorkerHello, now: float) -> None:
-        if hello.rank in self._workers:
+        known = self._workers.get(hello.rank)
+        if known is not None and known.hello.pid == hello.pid:
+            # The same process answering a Reregister that crossed its first hello (its first
+            # heartbeat overtook the hello): it had no requests yet, so nothing is lost.
+            return
+        if known is not None:
             self._declare_dead(f"worker rank {hello.rank} registered twice (restarted?)")
             return
         if hello.protocol_version != protocol.PROTOCOL_VERSION:

@@ -7,6 +7,7 @@ an engine that stops making progress turns NOT_SERVING until it moves again.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -115,3 +116,43 @@ def test_stalled_engine_is_not_serving_until_it_moves_again(server):
         worker.send_signal(signal.SIGCONT)
     wait_for_status(channel, SERVING, timeout_s=10)
     assert list(call)[-1].usage.completion_tokens == 60
+
+
+def test_drain_delay_is_a_lame_duck_period_that_still_serves(model_dir):
+    server = ServerThread(model_dir, num_kv_blocks=64, metrics_port=0, drain_delay_s=2.0).start()
+    channel = server.channel()
+    try:
+        stub = server.stub()
+        call = stub.Generate(greedy_request([1, 2, 3, 4], max_tokens=30), timeout=300)
+        next(call)
+        draining = server.call_async(lambda app: app.drain(timeout_s=120))
+        wait_for_status(channel, NOT_SERVING, timeout_s=1.0)
+        # Not ready, yet still serving: a balancer that has not noticed loses no request.
+        late = list(stub.Generate(greedy_request([5, 6, 7], max_tokens=2), timeout=60))
+        assert late[-1].usage.completion_tokens == 2
+        time.sleep(2.0)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub.Generate(greedy_request([5, 6, 7], max_tokens=2), timeout=60))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert sum(len(r.token_ids) for r in call) == 29  # the stream in flight completes
+        draining.result(60)
+    finally:
+        channel.close()
+        server.stop()
+
+
+def test_serve_exits_non_zero_when_its_worker_dies(model_dir):
+    port = free_port()
+    server = LoggedProcess([*OMNIBUS, "serve", "--port", str(port), "--model", str(model_dir), "--device", "cpu",
+                            "--num-kv-blocks", "64", "--metrics-port", "0"])
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        wait_for_status(channel, SERVING, timeout_s=180)
+        [worker] = worker_pids(server.process.pid)
+        os.kill(worker, signal.SIGKILL)
+        # A supervisor (compose's restart policy) can only restart what exits.
+        assert server.process.wait(30) == 1, server.output()[-3000:]
+        assert any("engine is dead" in line for line in server.lines), server.output()[-3000:]
+    finally:
+        channel.close()
+        server.kill()

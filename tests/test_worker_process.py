@@ -191,3 +191,18 @@ def test_worker_exits_promptly_on_sigterm(scheduler, worker) -> None:
     assert isinstance(scheduler.recv(worker), protocol.WorkerHello)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=10) == 0
+
+
+def test_worker_registers_again_when_asked_and_forgets_its_requests(tiny_model, scheduler, worker) -> None:
+    first = scheduler.recv(worker)
+    scheduler.send(StepPlan(0, [NewRequest("a", PROMPT_A, [12, 3, 30], 0, 9, GREEDY)], [], []))
+    assert scheduler.recv(worker).req_ids == ["a"]
+    scheduler.send(protocol.Reregister(reason="scheduler restarted"))
+    again = scheduler.recv(worker)
+    assert isinstance(again, protocol.WorkerHello) and again == first
+    # A new scheduler knows nothing of "a": neither does the worker any more.
+    scheduler.send(StepPlan(0, [], [CachedRequest("a", [], 9, 1)], []))
+    error = scheduler.recv(worker)
+    assert isinstance(error, protocol.WorkerError) and "'a'" in error.message
+    scheduler.send(StepPlan(1, [NewRequest("a", PROMPT_A, [5, 6, 7], 0, 9, GREEDY)], [], []))
+    assert scheduler.recv(worker).token_ids == hf_greedy(tiny_model[1], PROMPT_A, 1)

@@ -46,6 +46,10 @@ class ModelRunner:
         self.sampler = Sampler(self.device, seed=sampler_seed)
         self.swap_space = swap_space
 
+    def reset(self) -> None:
+        """Forget every request (a new scheduler knows none of them); the pool is left as is."""
+        self.requests = RequestStates(self.block_size, self.num_blocks, self.requests.max_model_len)
+
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step and return the sampled tokens, in batch order.
 

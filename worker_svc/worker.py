@@ -244,6 +244,12 @@ class Worker:
                 logger.info("worker %d shutting down: %s", self.config.rank,
                             message.reason or "requested")
                 return 0
+            if isinstance(message, protocol.Reregister):
+                logger.warning("worker %d registering again (%s); dropping %d request(s)",
+                               self.config.rank, message.reason, len(self.runner.requests))
+                self.runner.reset()
+                socket.send(protocol.encode(self.hello))
+                continue
             reply, fatal = self._execute(message)
             socket.send(protocol.encode(reply))
             if fatal:
