@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from clients.bench.cli import add_bench_arguments, run_bench
+from gateway_svc.cli import add_gateway_arguments, run_gateway
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -51,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="load generator: drive a running server, print and save metrics")
     add_bench_arguments(bench)
     bench.set_defaults(run=run_bench)
+    gateway = commands.add_parser("gateway", help="serve an OpenAI-compatible HTTP API in front of a running server")
+    add_gateway_arguments(gateway)
+    gateway.set_defaults(run=run_gateway)
     return parser
 
 
