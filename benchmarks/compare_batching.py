@@ -19,7 +19,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -77,14 +77,19 @@ def wait_serving(target: str, timeout_s: float) -> None:
 
 
 @contextmanager
-def served(args: argparse.Namespace, scheduling: str) -> Iterator[str]:
-    """`omnibus serve` with one scheduling policy, SERVING, for the duration; yields its target."""
+def served(args: argparse.Namespace, scheduling: str, extra_flags: Sequence[str] = (),
+           metrics_port: int = 0) -> Iterator[str]:
+    """`omnibus serve` with one scheduling policy, SERVING, for the duration; yields its target.
+
+    `extra_flags` go to `omnibus serve` as they are; `metrics_port` serves Prometheus metrics (0: off).
+    """
     command = [sys.executable, "-m", "clients.cli", "--log-level", "warning", "serve", "--port", str(args.port),
                "--scheduling", scheduling, "--max-num-seqs", str(args.batch_size),
-               "--num-kv-blocks", str(args.num_kv_blocks), "--metrics-port", "0"]
+               "--num-kv-blocks", str(args.num_kv_blocks), "--metrics-port", str(metrics_port)]
     command += ["--device", getattr(args, "device", "cpu")]
     if getattr(args, "model", None):
         command += ["--model", args.model]
+    command += list(extra_flags)
     server = subprocess.Popen(command)
     try:
         target = f"127.0.0.1:{args.port}"

@@ -52,9 +52,15 @@ def build_request(
     messages: list[tuple[str, str]] | None = None,
     sampling: Sampling | None = None,
     request_id: str = "",
+    priority: int = 0,
+    cache_salt: str = "",
 ) -> pb.GenerateRequest:
-    """A GenerateRequest from exactly one kind of input (the server checks that too)."""
-    request = pb.GenerateRequest(request_id=request_id, sampling=(sampling or Sampling()).to_proto())
+    """A GenerateRequest from exactly one kind of input (the server checks that too).
+
+    `priority`: lower runs first; `cache_salt`: only requests with equal salts share prefix-cache blocks.
+    """
+    request = pb.GenerateRequest(request_id=request_id, sampling=(sampling or Sampling()).to_proto(),
+                                 priority=priority, cache_salt=cache_salt)
     if prompt is not None:
         request.prompt = prompt
     if prompt_token_ids is not None:

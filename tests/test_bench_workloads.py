@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -61,6 +62,17 @@ def test_save_load_round_trip_in_the_shared_format(tmp_path):
     assert load_workload(path) == requests
     path.write_text('[{"prompt_token_ids": [1001, 1002], "max_tokens": 3}]')
     assert load_workload(path) == [BenchRequest([1001, 1002], 3)]
+
+
+def test_priority_and_cache_salt_round_trip_and_defaults_stay_out_of_the_file(tmp_path):
+    path = tmp_path / "w.json"
+    requests = [BenchRequest([1001], 2), BenchRequest([1002], 3, priority=1, cache_salt="tenant-a")]
+    save_workload(path, requests)
+    assert load_workload(path) == requests
+    assert json.loads(path.read_text()) == [
+        {"prompt_token_ids": [1001], "max_tokens": 2},
+        {"prompt_token_ids": [1002], "max_tokens": 3, "priority": 1, "cache_salt": "tenant-a"},
+    ]
 
 
 def test_all_at_once():

@@ -1,8 +1,10 @@
-"""The side-by-side driver's summary: medians over repeats and the throughput ratios."""
+"""The side-by-side driver: medians over repeats, the throughput ratios, and the server command it starts."""
 
+import argparse
 import json
 
-from benchmarks.compare_batching import HEADLINE, medians, summarize
+from benchmarks import compare_batching
+from benchmarks.compare_batching import HEADLINE, medians, served, summarize
 
 
 def write_run(path, throughput, ttft_median):
@@ -24,3 +26,35 @@ def test_medians_and_ratios(tmp_path):
     table = summarize(summary)
     assert "continuous / static output throughput: 2.25x" in table
     assert sum(line.startswith("| ") for line in table.splitlines()) == 3  # header + one row per system
+
+
+class FakeServer:
+    def send_signal(self, signal):
+        pass
+
+    def wait(self, timeout):
+        return 0
+
+
+def served_command(monkeypatch, *args, **kwargs) -> list[str]:
+    """The command line `served` would start (nothing is started)."""
+    commands = []
+
+    def popen(command):
+        commands.append(command)
+        return FakeServer()
+
+    monkeypatch.setattr(compare_batching.subprocess, "Popen", popen)
+    monkeypatch.setattr(compare_batching, "wait_serving", lambda target, timeout_s: None)
+    namespace = argparse.Namespace(port=5, batch_size=8, num_kv_blocks=64, device="cpu", model=None)
+    with served(namespace, *args, **kwargs) as target:
+        assert target == "127.0.0.1:5"
+    return commands[0]
+
+
+def test_served_command_without_and_with_extra_flags(monkeypatch):
+    plain = served_command(monkeypatch, "static")
+    assert plain[plain.index("serve"):] == ["serve", "--port", "5", "--scheduling", "static", "--max-num-seqs", "8",
+                                            "--num-kv-blocks", "64", "--metrics-port", "0", "--device", "cpu"]
+    extra = served_command(monkeypatch, "continuous", ["--no-prefix-caching"], metrics_port=9000)
+    assert extra[extra.index("--metrics-port") + 1] == "9000" and extra[-1] == "--no-prefix-caching"

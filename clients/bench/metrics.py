@@ -28,6 +28,7 @@ class RequestRecord:
     end_time: float | None = None
     output_tokens: int = 0
     error: str | None = None  # the gRPC status code name (and details) of a failed request
+    cached_prompt_tokens: int = 0  # prompt tokens the server's prefix cache held (its final usage)
 
     @property
     def success(self) -> bool:

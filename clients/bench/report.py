@@ -48,7 +48,7 @@ def build_result(config: dict, model_info, metrics: BenchmarkMetrics, records: l
     """Everything needed to compare or re-plot a run later. model_info: the server's ModelInfo."""
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": _json_safe(config),
+        "config": json_safe(config),
         "git": git_revision(),
         "machine": machine_info(model_info),
         "metrics": asdict(metrics),
@@ -92,13 +92,14 @@ def machine_info(model_info) -> dict:
     }
 
 
-def _json_safe(value):
-    # argparse namespaces hold infinities (--request-rate inf) and may hold callables (a
-    # subcommand's handler); strict JSON takes neither.
+def json_safe(value):
+    """`value` as strict JSON can hold it: non-finite floats (argparse holds --request-rate inf)
+    become strings, callables in a dict (a subcommand's handler) are dropped, other objects become
+    their str()."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items() if not callable(v)}
+        return {k: json_safe(v) for k, v in value.items() if not callable(v)}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if value is None or isinstance(value, (bool, int, float, str)):

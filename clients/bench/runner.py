@@ -84,7 +84,8 @@ async def _fire(client, index, request, send_at, semaphore, options, progress) -
 
 async def _send(client: AsyncOmnibusClient, index: int, request: BenchRequest, timeout_s: float | None) -> RequestRecord:
     sampling = Sampling(max_tokens=request.max_tokens, temperature=0.0, ignore_eos=True)
-    message = build_request(prompt_token_ids=request.prompt_token_ids, sampling=sampling, request_id=f"bench-{index}")
+    message = build_request(prompt_token_ids=request.prompt_token_ids, sampling=sampling, request_id=f"bench-{index}",
+                            priority=request.priority, cache_salt=request.cache_salt)
     record = RequestRecord(index, len(request.prompt_token_ids), request.max_tokens, send_time=time.perf_counter())
     try:
         async for response in client.generate(message, timeout=timeout_s):
@@ -103,7 +104,11 @@ def _observe(record: RequestRecord, response: pb.GenerateResponse, now: float) -
         record.chunk_times.append(now)
         record.chunk_tokens.append(len(response.token_ids))
     # The server's usage is authoritative; the chunk sum covers a stream cut short of its last message.
-    record.output_tokens = response.usage.completion_tokens if response.HasField("usage") else sum(record.chunk_tokens)
+    if response.HasField("usage"):
+        record.output_tokens = response.usage.completion_tokens
+        record.cached_prompt_tokens = response.usage.cached_prompt_tokens
+    else:
+        record.output_tokens = sum(record.chunk_tokens)
 
 
 def _rebase(records: list[RequestRecord], start: float) -> None:

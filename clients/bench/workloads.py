@@ -8,7 +8,7 @@ vocabularies, and the rest decode to ordinary (if meaningless) text.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +29,13 @@ SHAREGPT_MIN_LEN = 4
 
 @dataclass(slots=True)
 class BenchRequest:
-    """One request of a workload: the prompt's token ids and exactly how many tokens to generate."""
+    """One request of a workload: the prompt's token ids and exactly how many tokens to generate,
+    with the request's scheduling priority (lower runs first) and prefix-cache salt."""
 
     prompt_token_ids: list[int]
     max_tokens: int
+    priority: int = 0
+    cache_salt: str = ""
 
 
 def random_workload(
@@ -81,13 +84,28 @@ def shared_prefix_workload(
 
 
 def save_workload(path: str | Path, requests: list[BenchRequest]) -> None:
-    """Write `[{"prompt_token_ids": [...], "max_tokens": N}, ...]` (the baseline scripts read it)."""
-    Path(path).write_text(json.dumps([asdict(request) for request in requests]))
+    """Write `[{"prompt_token_ids": [...], "max_tokens": N}, ...]` (the baseline scripts read it);
+    `priority` and `cache_salt` appear only where they differ from their defaults."""
+    Path(path).write_text(json.dumps([_to_json(request) for request in requests]))
 
 
 def load_workload(path: str | Path) -> list[BenchRequest]:
     """Read a workload written by `save_workload`."""
-    return [BenchRequest(list(item["prompt_token_ids"]), int(item["max_tokens"])) for item in json.loads(Path(path).read_text())]
+    return [
+        BenchRequest(list(item["prompt_token_ids"]), int(item["max_tokens"]),
+                     int(item.get("priority", 0)), str(item.get("cache_salt", "")))
+        for item in json.loads(Path(path).read_text())
+    ]
+
+
+def _to_json(request: BenchRequest) -> dict:
+    # Defaults are left out, so a plain workload's file stays in the format other tools read.
+    item = {"prompt_token_ids": request.prompt_token_ids, "max_tokens": request.max_tokens}
+    if request.priority:
+        item["priority"] = request.priority
+    if request.cache_salt:
+        item["cache_salt"] = request.cache_salt
+    return item
 
 
 def _random_ids(rng: np.random.Generator, length: int, vocab_size: int) -> list[int]:
