@@ -97,6 +97,8 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=None, help="CUDA: fraction of GPU memory to use")
     parser.add_argument("--swap-space-gb", type=float, default=None,
                         help="host memory for swapped-out KV blocks (default: 4 with a GPU, 0 on CPU)")
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="CPU worker: torch threads (default: every usable core; fewer on a shared machine)")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     parser.add_argument("--load-format", default="auto", choices=["auto", "random"], help="random: random weights for the config")
     parser.add_argument("--attention-backend", default="auto", choices=["auto", "cuda", "torch"],
@@ -135,7 +137,9 @@ def worker_command(args: argparse.Namespace, endpoint: str, model_dir: Path, ran
                "--world-size", "1", "--model", str(model_dir), "--device", args.device, "--dtype", args.dtype,
                "--block-size", str(args.block_size), "--load-format", args.load_format,
                "--attention-backend", args.attention_backend, "--parent-pid", str(os.getpid())]
-    for flag in ("num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "max_model_len", "swap_space_gb"):
+    command += ["--log-level", args.log_level.upper()]
+    for flag in ("num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "max_model_len", "swap_space_gb",
+                 "num_threads"):
         value = getattr(args, flag)
         if value is not None:
             command += [f"--{flag.replace('_', '-')}", str(value)]

@@ -118,7 +118,9 @@ class BlockManager:
         return hits
 
     def record_lookup(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
-        """Count one admission's lookup in the hit-rate statistics."""
+        """Count one admission's lookup in the hit-rate statistics (none while caching is off)."""
+        if not self.enable_prefix_caching:
+            return
         self.stats.num_queried_tokens += num_queried_tokens
         self.stats.num_hit_tokens += num_hit_tokens
 

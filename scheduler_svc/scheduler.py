@@ -235,6 +235,8 @@ class Scheduler:
         num_blocks = len(self.block_manager.get_block_ids(request.req_id))
         if mode == "recompute" or not self.swap_pool.can_hold(num_blocks):
             return False
+        if request.num_computed_tokens >= request.num_tokens:
+            return False  # its last token is in a step still running: its result would be lost
         return mode == "swap" or self.preemption_cost.prefers_swap(request.num_computed_tokens, num_blocks)
 
     def _schedule_waiting(self, step: _Step) -> None:

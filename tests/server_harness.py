@@ -35,7 +35,9 @@ class ServerThread:
         `credentials` are what `channel()` and `stub()` use (TLS)."""
         self.model_dir = model_dir
         self.num_kv_blocks = num_kv_blocks
-        self.worker_args = worker_args or []
+        # One torch thread: on a small shared machine (CI has 2 cores) a worker whose OpenMP
+        # threads compete with the test process and the scheduler spins and runs up to 20x slower.
+        self.worker_args = ["--num-threads", "1", *(worker_args or [])]
         self.credentials = credentials
         self.options = ServingOptions(model_dir=model_dir, model_id="test-model", port=0, **options)
         self.processes: list[subprocess.Popen] = []

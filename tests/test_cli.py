@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -69,7 +68,7 @@ def generate(port: int, *args: str) -> subprocess.CompletedProcess:
 def test_serve_generate_and_ctrl_c(model_dir):
     port = free_port()
     server = LoggedProcess([*OMNIBUS, "serve", "--port", str(port), "--model", str(model_dir),
-                            "--device", "cpu", "--num-kv-blocks", "64"])
+                            "--device", "cpu", "--num-kv-blocks", "64", "--num-threads", "1"])
     try:
         server.wait_for("ready: serving", timeout_s=180)
         workers = worker_pids(server.process.pid)

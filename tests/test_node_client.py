@@ -24,7 +24,6 @@ GENERATE_JS = NODE_CLIENT / "generate.js"
 
 # One torch thread in the worker: on a busy 2-core machine OpenMP threads that spin waiting for a
 # descheduled sibling make each decode step cost whole time slices (seconds per token).
-WORKER_ARGS = ["--num-threads", "1"]
 
 pytestmark = [
     pytest.mark.model,
@@ -51,7 +50,7 @@ def node_modules() -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir, node_modules):
-    running = ServerThread(model_dir, num_kv_blocks=64, worker_args=WORKER_ARGS).start()
+    running = ServerThread(model_dir, num_kv_blocks=64).start()
     yield running
     running.stop()
 
@@ -147,8 +146,7 @@ def test_ctrl_c_cancels_the_call_and_frees_the_request(server):
 def test_mtls_with_ca_cert_and_key(model_dir, node_modules, certs):  # noqa: F811
     tls = TlsConfig(certs["server_cert"], certs["server_key"], client_ca=certs["ca"])
     with_cert = tls_credentials(certs["ca"], certs["client_cert"], certs["client_key"])
-    mtls_server = ServerThread(model_dir, num_kv_blocks=16, tls=tls, credentials=with_cert,
-                               worker_args=WORKER_ARGS).start()
+    mtls_server = ServerThread(model_dir, num_kv_blocks=16, tls=tls, credentials=with_cert).start()
     try:
         flags = ["--prompt", "Hello", "--max-tokens", "3", "--ignore-eos"]
         mtls = node_generate(mtls_server.target, *flags, "--ca", str(certs["ca"]),

@@ -30,7 +30,6 @@ PROMPT = "The three primary colours are"
 TOKEN_PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 2541]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 # One torch thread: on a busy 2-core machine spinning OpenMP workers make steps 10x slower.
-WORKER_ARGS = ["--num-threads", "1"]
 
 
 class GatewayThread:
@@ -60,7 +59,7 @@ class GatewayThread:
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    running = ServerThread(model_dir, num_kv_blocks=256, worker_args=WORKER_ARGS).start()
+    running = ServerThread(model_dir, num_kv_blocks=256).start()
     yield running
     running.stop()
 
@@ -208,7 +207,7 @@ def test_a_client_timing_out_frees_the_request_on_the_server(client, server):
 
 def test_gateway_reaches_an_mtls_server(model_dir, certs):  # noqa: F811
     tls = TlsConfig(certs["server_cert"], certs["server_key"], certs["ca"])
-    server = ServerThread(model_dir, num_kv_blocks=32, tls=tls, worker_args=WORKER_ARGS,
+    server = ServerThread(model_dir, num_kv_blocks=32, tls=tls,
                           credentials=tls_credentials(certs["ca"], certs["client_cert"], certs["client_key"])).start()
     gateway = GatewayThread(server.target, tls_ca=certs["ca"], tls_cert=certs["client_cert"],
                             tls_key=certs["client_key"]).start()

@@ -139,6 +139,7 @@ def test_prefix_caching_off_finds_nothing():
     plan, _ = h.step()
     assert [r.block_ids for r in plan.new_requests] == [[0, 1, 2], [3, 4, 5]]
     assert h.scheduler.block_manager.num_cached_blocks == 0
+    assert h.scheduler.block_manager.stats.num_queried_tokens == 0  # no hit rate to report
 
 
 def test_reset_forgets_only_blocks_no_request_holds():
