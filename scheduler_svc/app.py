@@ -179,9 +179,8 @@ class ServingApp:
             elif self._stalled and not stalled:
                 logger.info("engine is making progress again")
             self._stalled = stalled
-            if self.workers.dead_reason is not None and not self.dead.is_set():
-                logger.error("worker group is dead: %s", self.workers.dead_reason)
-                self.dead.set()
+            if self.workers.dead_reason is not None:
+                self.dead.set()  # WorkerGroup has logged why
             await self.refresh_health()
 
     def _start_engine(self, hellos: list[WorkerHello]) -> None:

@@ -96,7 +96,7 @@ class Scheduler:
 
     @property
     def num_swapped(self) -> int:
-        return sum(r.status == RequestStatus.SWAPPED for r in self.waiting)
+        return self.swap_pool.num_requests
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -250,12 +250,13 @@ class Scheduler:
                 break  # nobody overtakes the head of the queue
 
     def _try_admit(self, request: Request, step: _Step) -> bool:
-        """Admit `request` with its prefix-cache hits if its next tokens fit; False if not."""
-        if request.status == RequestStatus.SWAPPED:
-            return self._try_swap_in(request, step)
-        computed_blocks = self.block_manager.get_computed_blocks(request)
+        """Admit `request` if its next tokens fit; False if not. A waiting request first takes its
+        prefix-cache hits; a swapped-out one keeps its computed tokens, copied back into new blocks."""
+        swapped = request.status == RequestStatus.SWAPPED
+        computed_blocks = [] if swapped else self.block_manager.get_computed_blocks(request)
         num_hit_tokens = len(computed_blocks) * self.config.block_size
-        num_new_tokens = self._num_new_tokens(request, step.token_budget, num_hit_tokens)
+        num_computed = request.num_computed_tokens + num_hit_tokens
+        num_new_tokens = self._num_new_tokens(request, step.token_budget, num_computed)
         if num_new_tokens == 0:
             return False
         # The watermark is headroom for running requests to grow; with none it only blocks.
@@ -264,25 +265,15 @@ class Scheduler:
             request, num_new_tokens, watermark_blocks, computed_blocks
         ) is None:
             return False
-        self.block_manager.record_lookup(request.num_tokens, num_hit_tokens)
-        if request.status == RequestStatus.WAITING:
-            request.num_cached_tokens = min(num_hit_tokens, request.num_prompt_tokens)
-        request.num_computed_tokens = num_hit_tokens
-        self.waiting.pop_first()
-        self._admit(request, num_new_tokens, step)
-        return True
-
-    def _try_swap_in(self, request: Request, step: _Step) -> bool:
-        """Resume a swapped-out request: new device blocks, its K/V copied back into them."""
-        num_new_tokens = self._num_new_tokens(request, step.token_budget)
-        if num_new_tokens == 0:
-            return False
-        watermark_blocks = self.config.watermark_blocks if self.running else 0
-        if self.block_manager.allocate_slots(request, num_new_tokens, watermark_blocks) is None:
-            return False
-        device_blocks = self.block_manager.get_block_ids(request.req_id)
-        step.swap_in += zip(device_blocks, self.swap_pool.free(request.req_id))
-        step.record.swapped_in_req_ids.append(request.req_id)
+        if swapped:
+            device_blocks = self.block_manager.get_block_ids(request.req_id)
+            step.swap_in += zip(device_blocks, self.swap_pool.free(request.req_id))
+            step.record.swapped_in_req_ids.append(request.req_id)
+        else:
+            self.block_manager.record_lookup(request.num_tokens, num_hit_tokens)
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = min(num_hit_tokens, request.num_prompt_tokens)
+        request.num_computed_tokens = num_computed
         self.waiting.pop_first()
         self._admit(request, num_new_tokens, step)
         return True

@@ -17,6 +17,11 @@ class SwapPool:
         self._tables: dict[str, list[int]] = {}
 
     @property
+    def num_requests(self) -> int:
+        """Requests swapped out (each holds its swap blocks until it resumes or ends)."""
+        return len(self._tables)
+
+    @property
     def num_free_blocks(self) -> int:
         return len(self._free)
 

@@ -53,3 +53,11 @@ def hf_default_model(model_dir: Path):
         model_dir, dtype=torch.float32, attn_implementation="eager"
     )
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all from that CA."""
+    from tests.certificates import write_certificates
+
+    return write_certificates(tmp_path_factory.mktemp("certs"))

@@ -16,7 +16,6 @@ from clients.client import tls_credentials
 from omnibus.v1 import generation_pb2 as pb
 from scheduler_svc.tls import TlsConfig
 from tests.server_harness import ServerThread, collect_tokens
-from tests.test_tls import certs  # noqa: F401  (fixture: a throwaway CA, server and client certificate)
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_CLIENT = ROOT / "clients" / "node"
@@ -143,7 +142,7 @@ def test_ctrl_c_cancels_the_call_and_frees_the_request(server):
     assert server.call(lambda app: app.engine.num_active_requests) == 0
 
 
-def test_mtls_with_ca_cert_and_key(model_dir, node_modules, certs):  # noqa: F811
+def test_mtls_with_ca_cert_and_key(model_dir, node_modules, certs):
     tls = TlsConfig(certs["server_cert"], certs["server_key"], client_ca=certs["ca"])
     with_cert = tls_credentials(certs["ca"], certs["client_cert"], certs["client_key"])
     mtls_server = ServerThread(model_dir, num_kv_blocks=16, tls=tls, credentials=with_cert).start()

@@ -21,7 +21,6 @@ from gateway_svc.config import GatewayConfig
 from omnibus.v1 import generation_pb2 as pb
 from scheduler_svc.tls import TlsConfig
 from tests.server_harness import ServerThread, collect_tokens, greedy_request
-from tests.test_tls import certs  # noqa: F401 (a fixture: a CA, server and client certificates)
 
 pytestmark = pytest.mark.model
 
@@ -205,7 +204,7 @@ def test_a_client_timing_out_frees_the_request_on_the_server(client, server):
     wait_idle(server)
 
 
-def test_gateway_reaches_an_mtls_server(model_dir, certs):  # noqa: F811
+def test_gateway_reaches_an_mtls_server(model_dir, certs):
     tls = TlsConfig(certs["server_cert"], certs["server_key"], certs["ca"])
     server = ServerThread(model_dir, num_kv_blocks=32, tls=tls,
                           credentials=tls_credentials(certs["ca"], certs["client_cert"], certs["client_key"])).start()

@@ -44,9 +44,10 @@ class SwapSpace:
         if not pairs:
             return
         src, dst = self._indices(pairs)
+        src = src.to(self.device)
         for (k_cache, v_cache), (k_swap, v_swap) in zip(kv_caches, self.layers):
-            k_swap[dst] = k_cache[src.to(self.device)].cpu()
-            v_swap[dst] = v_cache[src.to(self.device)].cpu()
+            k_swap[dst] = k_cache[src].cpu()
+            v_swap[dst] = v_cache[src].cpu()
 
     def swap_in(self, kv_caches: KVCaches, pairs: BlockPairs) -> None:
         """Copy swap blocks back into (newly allocated) device blocks."""
