@@ -44,8 +44,10 @@ def the_cluster(config: dict) -> dict:
     return cluster
 
 
-def loopback_config(config: dict, upstream_ports: list[int], check_interval: str = "0.2s") -> dict:
-    """`config` with one static loopback endpoint per upstream port, listener and admin on port 0."""
+def loopback_config(config: dict, upstream_ports: list[int], check_interval: str = "0.2s",
+                    num_retries: int | None = None) -> dict:
+    """`config` with one static loopback endpoint per upstream port, listener and admin on port 0;
+    `num_retries` replaces every route's retry count."""
     config = copy.deepcopy(config)
     config["admin"]["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": 0}
     for listener in config["static_resources"]["listeners"]:
@@ -63,7 +65,23 @@ def loopback_config(config: dict, upstream_ports: list[int], check_interval: str
     for check in cluster["health_checks"]:
         # One failed check is enough here; the deployed file waits for two.
         check.update(interval=check_interval, no_traffic_interval=check_interval, unhealthy_threshold=1)
+    if num_retries is not None:
+        for policy in _retry_policies(config):
+            policy["num_retries"] = num_retries
     return config
+
+
+def _retry_policies(node):
+    """Every retry_policy in a loaded Envoy config."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "retry_policy":
+                yield value
+            else:
+                yield from _retry_policies(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _retry_policies(item)
 
 
 class EnvoyProcess:

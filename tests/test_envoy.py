@@ -10,7 +10,6 @@ last one drains both servers.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -83,22 +82,9 @@ def test_loopback_rewrite_keeps_every_endpoint_and_validates(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-class OneThreadServer(ServerThread):
-    """A ServerThread whose worker uses one torch thread: two workers share this machine's cores."""
-
-    def _spawn(self, endpoint: str) -> list[subprocess.Popen]:
-        command = [
-            sys.executable, "-m", "worker_svc", "--scheduler", endpoint, "--model", str(self.model_dir),
-            "--device", "cpu", "--num-kv-blocks", str(self.num_kv_blocks), "--num-threads", "1",
-            "--parent-pid", str(os.getpid()),
-        ]
-        self.processes = [subprocess.Popen(command)]
-        return self.processes
-
-
 @pytest.fixture(scope="module")
 def replicas(model_dir):
-    servers = [OneThreadServer(model_dir, num_kv_blocks=NUM_KV_BLOCKS) for _ in range(2)]
+    servers = [ServerThread(model_dir, num_kv_blocks=NUM_KV_BLOCKS) for _ in range(2)]
     try:
         with ThreadPoolExecutor(len(servers)) as pool:
             list(pool.map(lambda server: server.start(), servers))
@@ -111,8 +97,11 @@ def replicas(model_dir):
 @pytest.fixture(scope="module")
 def envoy(replicas, tmp_path_factory):
     # Health checks every second (the deployed file: 2 s), fast enough for the drain test's waits
-    # and slow enough that it can send a request between two of them.
-    config = loopback_config(load_config(), [server.app.port for server in replicas], check_interval="1s")
+    # and slow enough that it can send a request between two of them. Envoy's back-off is fully
+    # jittered, so the deployed 3 retries now and then all fall within one check interval and all
+    # reach the refusing replica (a CI flake); 8 make the retry outlast the check every time.
+    config = loopback_config(load_config(), [server.app.port for server in replicas], check_interval="1s",
+                             num_retries=8)
     proxy = EnvoyProcess(ENVOY, config, tmp_path_factory.mktemp("envoy"))
     try:
         proxy.wait_live()
