@@ -2,10 +2,14 @@
 
     python -m kernels.build_check            # all .cu files, both configurations each
     python -m kernels.build_check decode.cu  # one file
+    python -m kernels.build_check --cupy --jobs 16   # GPU machine: every configuration through CuPy
 
 A file written for one configuration chosen by -D flags (see common.cuh) is compiled twice: with
 its defaults and with the other dtype, head_dim, block size and the largest GQA group, so template
 code paths that the defaults skip still reach the compiler. ptxas spills are reported, not failed.
+`--cupy` instead compiles every configuration the wrappers can ask for the way they do (NVRTC
+through CuPy, for the local GPU), in parallel processes: it proves each one compiles there and
+leaves them in CuPy's on-disk cache, so later processes (the tests, a worker) load them at once.
 """
 from __future__ import annotations
 
@@ -59,12 +63,37 @@ def compile_source(source: Path, defines: tuple[str, ...] = ()) -> CompileResult
                          run.stdout + run.stderr)
 
 
+def compile_with_cupy(jobs: int) -> int:
+    """Every configuration of kernels.cuda_ops through CuPy, `jobs` processes at a time."""
+    import importlib.util
+    import multiprocessing
+
+    if importlib.util.find_spec("cupy") is None:
+        print("CuPy is not installed", file=sys.stderr)
+        return 2
+    from kernels import cuda_ops
+
+    configs = cuda_ops.configurations()
+    start = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        results = pool.map(cuda_ops.compile_configuration, configs)
+    for (source, defines), (ok, seconds, error) in zip(configs, results):
+        if not ok:
+            print(f"FAIL {source:<14} {' '.join(defines)} {seconds:5.1f}s\n{error}")
+    failed = sum(not ok for ok, _, _ in results)
+    print(f"cupy: {len(configs) - failed}/{len(configs)} configurations compiled in {time.perf_counter() - start:.1f}s")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", help="kernel sources (default: every kernels/*.cu)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--verbose", action="store_true", help="print the full compiler log")
+    parser.add_argument("--cupy", action="store_true", help="compile every configuration through CuPy (GPU machine)")
     args = parser.parse_args(argv)
+    if args.cupy:
+        return compile_with_cupy(args.jobs)
     if shutil.which("nvcc") is None:
         print("nvcc not found on PATH", file=sys.stderr)
         return 2

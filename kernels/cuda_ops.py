@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 import shutil
+import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,11 @@ def _ptr(t: torch.Tensor) -> np.uint64:
     return np.uint64(t.data_ptr())
 
 
-def _host_max(values) -> int:
-    return int(values.max()) if hasattr(values, "max") else int(max(values))
+def _host_list(values) -> list[int] | None:
+    """Host lengths (a list, tuple or numpy array) as a list of ints, so route planning is plain Python."""
+    if values is None:
+        return None
+    return values.tolist() if hasattr(values, "tolist") else list(values)
 
 
 @functools.cache
@@ -62,6 +66,10 @@ class CudaAttention:
         self._backend = backend or os.environ.get("OMNIBUS_CUPY_BACKEND")
         self._functions: dict[tuple, object] = {}
         self._num_sms: dict[int, int] = {}
+        # The last slot_mapping found in bounds, with its version counter and cache size: a model
+        # passes one slot_mapping to every layer of a step, so the host check (which waits for
+        # the device) runs once a step, not once a layer.
+        self._checked_slots: tuple[weakref.ref, int, int] | None = None
 
     # -- compilation -------------------------------------------------------------------------
 
@@ -113,12 +121,16 @@ class CudaAttention:
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        """Store key/value `[num_tokens, num_kv_heads, head_dim]` at their slots; slots < 0 are skipped."""
+        """Store key/value `[num_tokens, num_kv_heads, head_dim]` at their slots; slots < 0 are skipped.
+
+        A slot past the cache raises IndexError, as in the reference, before anything is written.
+        """
         row_bytes = lp.check_write_kv_inputs(key, value, k_cache, v_cache, slot_mapping)
         _require_cuda(key)
         num_tokens = key.shape[0]
         if num_tokens == 0:
             return
+        self._check_slots(slot_mapping, k_cache)
         esize = key.element_size()
         key_stride, value_stride = key.stride(0) * esize, value.stride(0) * esize
         name, threads = lp.plan_write_kv(
@@ -131,6 +143,15 @@ class CudaAttention:
             np.int32(row_bytes),
         )
         self._launch(fn, key.device, (num_tokens, 1, 1), (threads, 1, 1), args)
+
+    def _check_slots(self, slot_mapping: torch.Tensor, k_cache: torch.Tensor) -> None:
+        num_slots = k_cache.shape[0] * k_cache.shape[1]
+        checked = self._checked_slots
+        if (checked is not None and checked[0]() is slot_mapping and checked[1] == slot_mapping._version
+                and checked[2] == num_slots):
+            return
+        lp.check_slots(int(slot_mapping.max()), k_cache)
+        self._checked_slots = (weakref.ref(slot_mapping), slot_mapping._version, num_slots)
 
     def paged_attention(
         self,
@@ -150,10 +171,12 @@ class CudaAttention:
     ) -> torch.Tensor:
         """Causal attention of a flattened varlen batch over the paged cache; returns `[num_tokens, H, D]`.
 
-        `query_lens_cpu` / `seq_lens_cpu` (host copies, optional) sharpen the launch plan; without
-        them every sequence is assumed to have at least one query token, and the context bound is
-        the block-table width. `num_splits` forces the decode split count (testing);
-        `use_tensor_cores=False` runs prefill rows through the exact one-row-per-CTA kernel.
+        `query_lens_cpu` / `seq_lens_cpu` (host copies, optional) pick and size the kernels:
+        with them, decode rows (q_len 1, even inside a mixed batch) run the split-KV decode kernel
+        and longer chunks the tensor-core prefill kernel; without them see
+        `launch_plan.route_attention`. Rows past `cu_seqlens_q[-1]` (padding) come out as zeros.
+        `num_splits` forces the decode split count (testing); `use_tensor_cores=False` runs every
+        row through the exact one-row-per-CTA kernel.
         """
         shapes = lp.check_attention_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q)
         _require_cuda(q)
@@ -161,31 +184,28 @@ class CudaAttention:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         else:
             lp.check_out(out, q)
-        if shapes.num_tokens == 0 or shapes.num_seqs == 0:
+        if shapes.num_tokens == 0:
             return out
-        if query_lens_cpu is not None:
-            max_query_len = _host_max(query_lens_cpu)
-            is_decode = max_query_len == 1 and shapes.num_tokens == shapes.num_seqs
-        else:
-            is_decode = shapes.num_tokens == shapes.num_seqs
-            max_query_len = shapes.num_tokens
-        if is_decode or not use_tensor_cores:
-            max_kv_len = (
-                _host_max(seq_lens_cpu) if seq_lens_cpu is not None else shapes.max_blocks_per_seq * shapes.block_size
-            )
+        if shapes.num_seqs == 0:
+            return out.zero_()  # every row is padding
+        route = lp.route_attention(shapes, _host_list(query_lens_cpu), _host_list(seq_lens_cpu),
+                                   use_tensor_cores=use_tensor_cores)
+        if route.zero_from is not None:
+            out[route.zero_from:].zero_()
+        if route.decode is not None:
             self._decode(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, shapes, out,
-                         max_kv_len=max_kv_len, num_splits=num_splits, decode_only=is_decode)
-        else:
+                         route.decode, num_splits=num_splits)
+        if route.prefill is not None:
             self._prefill(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, shapes, out,
-                          max_query_len=max_query_len)
+                          route.prefill)
         return out
 
-    def _decode(self, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, shapes, out, *,
-                max_kv_len: int, num_splits: int | None, decode_only: bool) -> None:
-        plan = lp.plan_decode(shapes.num_tokens, shapes.num_kv_heads, max_kv_len, self._sm_count(q.device),
-                              num_splits=num_splits)
+    def _decode(self, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, shapes, out,
+                launch: lp.DecodeLaunch, *, num_splits: int | None) -> None:
+        plan = lp.plan_decode(launch.work_rows, shapes.num_kv_heads, launch.max_kv_len, self._sm_count(q.device),
+                              num_splits=num_splits, launch_rows=launch.launch_rows)
         defines = lp.compile_defines(q.dtype, shapes.head_dim, shapes.block_size, lp.group_bucket(shapes.group))
-        n, h, d = shapes.num_tokens, shapes.num_heads, shapes.head_dim
+        n, h, d = launch.launch_rows, shapes.num_heads, shapes.head_dim
         if plan.num_splits > 1:
             part_out = torch.empty((plan.num_splits, n, h, d), dtype=torch.float32, device=q.device)
             part_lse = torch.empty((plan.num_splits, n, h), dtype=torch.float32, device=q.device)
@@ -195,26 +215,49 @@ class CudaAttention:
             _ptr(out), _ptr(part_out), _ptr(part_lse), _ptr(q), _ptr(k_cache), _ptr(v_cache),
             _ptr(block_tables), _ptr(seq_lens), _ptr(cu_seqlens_q),
             np.int32(shapes.num_seqs), np.int32(n), np.int32(h), np.int32(shapes.num_kv_heads),
-            np.int32(shapes.max_blocks_per_seq), np.int64(q.stride(0)), np.int32(decode_only),
+            np.int32(shapes.max_blocks_per_seq), np.int64(q.stride(0)), np.int32(launch.mode),
             np.float32(scale * LOG2E), np.int32(plan.partition_size),
         )
         self._launch(self._function("decode.cu", "omnibus_decode", defines), q.device, plan.grid, plan.block, args)
         if plan.num_splits > 1:
             merge = self._function("decode.cu", "omnibus_decode_merge", defines)
-            merge_args = (_ptr(out), _ptr(part_out), _ptr(part_lse), np.int32(n), np.int32(h),
-                          np.int32(plan.num_splits))
+            merge_args = (_ptr(out), _ptr(part_out), _ptr(part_lse), _ptr(cu_seqlens_q), np.int32(n), np.int32(h),
+                          np.int32(plan.num_splits), np.int32(launch.mode))
             self._launch(merge, q.device, (n, h, 1), (d, 1, 1), merge_args)
 
-    def _prefill(self, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, shapes, out, *,
-                 max_query_len: int) -> None:
-        plan = lp.plan_prefill(shapes.num_seqs, shapes.num_kv_heads, shapes.group, max_query_len)
+    def _prefill(self, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, shapes, out,
+                 launch: lp.PrefillLaunch) -> None:
+        plan = lp.plan_prefill(launch.num_tiles, shapes.num_kv_heads)
         defines = lp.compile_defines(q.dtype, shapes.head_dim, shapes.block_size)
         args = (
             _ptr(out), _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(block_tables), _ptr(seq_lens),
-            _ptr(cu_seqlens_q), np.int32(shapes.num_heads), np.int32(shapes.num_kv_heads),
-            np.int32(shapes.max_blocks_per_seq), np.int64(q.stride(0)), np.float32(scale * LOG2E),
+            _ptr(cu_seqlens_q), np.int32(shapes.num_seqs), np.int32(shapes.num_tokens), np.int32(shapes.num_heads),
+            np.int32(shapes.num_kv_heads), np.int32(shapes.max_blocks_per_seq), np.int64(q.stride(0)),
+            np.float32(scale * LOG2E), np.int32(launch.skip_single), np.int32(launch.zero_padding),
         )
         self._launch(self._function("prefill.cu", "omnibus_prefill", defines), q.device, plan.grid, plan.block, args)
+
+
+def configurations() -> list[tuple[str, tuple[str, ...]]]:
+    """Every (source, defines) the wrappers can compile: what a fully warm kernel cache holds."""
+    buckets = sorted({lp.group_bucket(g) for g in range(1, lp.MAX_DECODE_GROUP + 1)})
+    configs = [("kv_write.cu", ())]
+    for dtype in lp.SUPPORTED_DTYPES:
+        for head_dim in lp.SUPPORTED_HEAD_DIMS:
+            for block_size in lp.SUPPORTED_BLOCK_SIZES:
+                configs.append(("prefill.cu", lp.compile_defines(dtype, head_dim, block_size)))
+                configs += [("decode.cu", lp.compile_defines(dtype, head_dim, block_size, g)) for g in buckets]
+    return configs
+
+
+def compile_configuration(config: tuple[str, tuple[str, ...]]) -> tuple[bool, float, str]:
+    """Compile one configuration into CuPy's on-disk cache: (ok, seconds, error text)."""
+    start = time.perf_counter()
+    try:
+        CudaAttention()._compile(*config)
+        return True, time.perf_counter() - start, ""
+    except Exception as exc:  # reported per configuration by the caller
+        return False, time.perf_counter() - start, str(exc)
 
 
 def _require_cuda(t: torch.Tensor) -> None:

@@ -1,6 +1,9 @@
 // Paged attention for rows of one query token each: decode, and the exact fallback for prefill.
 //
-// One CTA per (query token, kv head, split). It serves every query head of the GQA group at once,
+// One CTA per (launch row, kv head, split). A launch row is a sequence in decode mode (the
+// sequence's single query token; sequences with any other query length are left to the prefill
+// kernel) or a flat query token in rows mode (any batch: the token's sequence is found by binary
+// search, the causal limit applied, and padding rows past cu_seqlens_q[num_seqs] zeroed). It serves every query head of the GQA group at once,
 // so each K/V page is read from memory once per kv head, not once per query head. The context is
 // walked in tiles of kTile tokens with an fp32 online softmax in the log2 domain; when the host
 // splits the context, each split writes a normalised partial output and its log-sum-exp, and
@@ -12,6 +15,8 @@ namespace omnibus {
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 constexpr int kTile = 64;
+constexpr int kRowsMode = 0;    // launch row = flat query token
+constexpr int kDecodeMode = 1;  // launch row = sequence; only sequences with q_len == 1 do work
 
 // Sequence owning flat query row `token`: the last s with cu_seqlens_q[s] <= token.
 __device__ __forceinline__ int find_seq(const int* __restrict__ cu_seqlens_q, int num_seqs, int token) {
@@ -28,8 +33,8 @@ __device__ __forceinline__ void decode_body(
     T* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_lse,
     const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
     const int* __restrict__ block_tables, const int* __restrict__ seq_lens,
-    const int* __restrict__ cu_seqlens_q, int num_seqs, int num_tokens, int num_heads, int num_kv_heads,
-    int max_blocks_per_seq, long long q_stride, int decode_only, float scale_log2, int partition_size) {
+    const int* __restrict__ cu_seqlens_q, int num_seqs, int num_rows, int num_heads, int num_kv_heads,
+    int max_blocks_per_seq, long long q_stride, int mode, float scale_log2, int partition_size) {
   constexpr int VEC = 8;               // elements per 16-byte load
   constexpr int TPR = D / VEC;         // threads sharing one K/V row
   constexpr int ROWS = kDecodeThreads / TPR;
@@ -47,27 +52,37 @@ __device__ __forceinline__ void decode_body(
   __shared__ float m_s[GMAX], l_s[GMAX], alpha_s[GMAX];
 
   const int tid = threadIdx.x;
-  const int token = blockIdx.x;
+  const int launch_row = blockIdx.x;  // index of this row's partial results
   const int kvh = blockIdx.y;
   const int split = blockIdx.z;
   const int num_splits = gridDim.z;
   const int group = num_heads / num_kv_heads;
   const int head0 = kvh * group;
 
-  int seq = token;
-  int rows_after = 0;  // query tokens of this sequence that come after `token`
-  if (!decode_only) {
-    seq = find_seq(cu_seqlens_q, num_seqs, token);
-    rows_after = cu_seqlens_q[seq + 1] - 1 - token;
+  int seq, token, kv_len;  // causal: the row sees keys at positions < kv_len
+  if (mode == kDecodeMode) {
+    seq = launch_row;
+    token = cu_seqlens_q[seq];
+    if (cu_seqlens_q[seq + 1] - token != 1) return;  // empty, or a prefill chunk: not this kernel's row
+    kv_len = seq_lens[seq];
+  } else {
+    token = launch_row;
+    if (token >= cu_seqlens_q[num_seqs]) {
+      seq = -1;
+      kv_len = 0;  // padding row past the last sequence: written as zeros below, nothing read
+    } else {
+      seq = find_seq(cu_seqlens_q, num_seqs, token);
+      kv_len = seq_lens[seq] - (cu_seqlens_q[seq + 1] - 1 - token);  // minus the chunk's later tokens
+    }
   }
-  const int kv_len = seq_lens[seq] - rows_after;  // causal: keys at positions < kv_len
   const int begin = split * partition_size;
   const int end = min(kv_len, begin + partition_size);
   const long long out_row = static_cast<long long>(token) * num_heads + head0;
+  const long long part_row = (static_cast<long long>(split) * num_rows + launch_row) * num_heads + head0;
 
   if (begin >= end) {
     if (num_splits > 1) {
-      if (tid < group) part_lse[(static_cast<long long>(split) * num_tokens + token) * num_heads + head0 + tid] = neg_inf();
+      if (tid < group) part_lse[part_row + tid] = neg_inf();
     } else {
       for (int i = tid; i < group * D; i += kDecodeThreads) out[out_row * D + i] = float2_to_pack<T>(0.f, 0.f).x;
     }
@@ -202,27 +217,43 @@ __device__ __forceinline__ void decode_body(
     if (num_splits == 1) {
       *reinterpret_cast<uint4*>(out + dst) = pack8<T>(o);
     } else {
-      const long long part_row = static_cast<long long>(split) * num_tokens * num_heads;
-      float4* po = reinterpret_cast<float4*>(part_out + part_row * D + dst);
+      float4* po = reinterpret_cast<float4*>(part_out + (part_row + g) * D + cc * VEC);
       po[0] = make_float4(o[0], o[1], o[2], o[3]);
       po[1] = make_float4(o[4], o[5], o[6], o[7]);
-      if (cc == 0) part_lse[part_row + out_row + g] = m_s[g] + log2f(l_s[g]);
+      if (cc == 0) part_lse[part_row + g] = m_s[g] + log2f(l_s[g]);
     }
   }
 }
 
-// Combines the splits of one (token, head): weights 2^(lse_s - max), empty splits skipped.
+// Combines the splits of one (launch row, head): weights 2^(lse_s - max), empty splits skipped.
+// Launch rows are those of omnibus_decode with the same mode, so a decode-mode row whose sequence
+// is not a single-token decode has no partials and is skipped here too.
 template <typename T, int D>
 __device__ __forceinline__ void merge_body(T* __restrict__ out, const float* __restrict__ part_out,
-                                           const float* __restrict__ part_lse, int num_tokens, int num_heads,
-                                           int num_splits) {
+                                           const float* __restrict__ part_lse,
+                                           const int* __restrict__ cu_seqlens_q, int num_rows, int num_heads,
+                                           int num_splits, int mode) {
+  int token = blockIdx.x;
+  if (mode == kDecodeMode) {
+    token = cu_seqlens_q[blockIdx.x];
+    if (cu_seqlens_q[blockIdx.x + 1] - token != 1) return;
+  }
   const long long row = static_cast<long long>(blockIdx.x) * num_heads + blockIdx.y;
-  const long long split_rows = static_cast<long long>(num_tokens) * num_heads;
+  const long long out_row = static_cast<long long>(token) * num_heads + blockIdx.y;
+  const long long split_rows = static_cast<long long>(num_rows) * num_heads;
   const int d = threadIdx.x;
   float mx = neg_inf();
-  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, part_lse[s * split_rows + row]);
-  float num = 0.f, den = 0.f;
-  if (mx != neg_inf()) {
+  bool nan = false;  // fmaxf drops NaN: track it, so a NaN partial reaches the output, not a zero
+  for (int s = 0; s < num_splits; ++s) {
+    const float lse = part_lse[s * split_rows + row];
+    nan |= lse != lse;
+    mx = fmaxf(mx, lse);
+  }
+  float value = 0.f;  // no split saw a key
+  if (nan) {
+    value = __int_as_float(0x7fc00000);
+  } else if (mx != neg_inf()) {
+    float num = 0.f, den = 0.f;  // den >= 1: the split holding the maximum has weight 1
     for (int s = 0; s < num_splits; ++s) {
       const float lse = part_lse[s * split_rows + row];
       if (lse == neg_inf()) continue;  // its partial output was never written
@@ -230,26 +261,28 @@ __device__ __forceinline__ void merge_body(T* __restrict__ out, const float* __r
       den += w;
       num += w * part_out[(s * split_rows + row) * D + d];
     }
+    value = num / den;
   }
-  out[row * D + d] = float2_to_pack<T>(den > 0.f ? num / den : 0.f, 0.f).x;
+  out[out_row * D + d] = float2_to_pack<T>(value, 0.f).x;
 }
 
 }  // namespace omnibus
 
+// num_rows is gridDim.x: sequences in decode mode (mode 1), flat query tokens in rows mode (0).
 extern "C" __global__ void __launch_bounds__(omnibus::kDecodeThreads)
     omnibus_decode(OMNIBUS_SCALAR* out, float* part_out, float* part_lse, const OMNIBUS_SCALAR* q,
                    const OMNIBUS_SCALAR* k_cache, const OMNIBUS_SCALAR* v_cache, const int* block_tables,
-                   const int* seq_lens, const int* cu_seqlens_q, int num_seqs, int num_tokens, int num_heads,
-                   int num_kv_heads, int max_blocks_per_seq, long long q_stride, int decode_only,
-                   float scale_log2, int partition_size) {
+                   const int* seq_lens, const int* cu_seqlens_q, int num_seqs, int num_rows, int num_heads,
+                   int num_kv_heads, int max_blocks_per_seq, long long q_stride, int mode, float scale_log2,
+                   int partition_size) {
   omnibus::decode_body<OMNIBUS_SCALAR, OMNIBUS_HEAD_DIM, OMNIBUS_BLOCK_SIZE, OMNIBUS_GROUP_MAX>(
-      out, part_out, part_lse, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, num_seqs, num_tokens,
-      num_heads, num_kv_heads, max_blocks_per_seq, q_stride, decode_only, scale_log2, partition_size);
+      out, part_out, part_lse, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, num_seqs, num_rows,
+      num_heads, num_kv_heads, max_blocks_per_seq, q_stride, mode, scale_log2, partition_size);
 }
 
 extern "C" __global__ void omnibus_decode_merge(OMNIBUS_SCALAR* out, const float* part_out,
-                                                const float* part_lse, int num_tokens, int num_heads,
-                                                int num_splits) {
-  omnibus::merge_body<OMNIBUS_SCALAR, OMNIBUS_HEAD_DIM>(out, part_out, part_lse, num_tokens, num_heads,
-                                                        num_splits);
+                                                const float* part_lse, const int* cu_seqlens_q, int num_rows,
+                                                int num_heads, int num_splits, int mode) {
+  omnibus::merge_body<OMNIBUS_SCALAR, OMNIBUS_HEAD_DIM>(out, part_out, part_lse, cu_seqlens_q, num_rows,
+                                                        num_heads, num_splits, mode);
 }

@@ -56,8 +56,46 @@ class DecodePlan:
 
 @dataclass(slots=True, frozen=True)
 class PrefillPlan:
+    """Launch shape of `omnibus_prefill`: grid.x counts row tiles over the whole batch."""
+
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
+
+
+ROWS_MODE = 0  # omnibus_decode launch row = flat query token (any batch, exact)
+DECODE_MODE = 1  # launch row = sequence; only sequences with q_len == 1 do work
+
+
+@dataclass(slots=True, frozen=True)
+class DecodeLaunch:
+    """What `omnibus_decode` is launched over: `launch_rows` rows in `mode`, of which about
+    `work_rows` do work (split planning uses it); `max_kv_len` bounds every row's context."""
+
+    mode: int
+    launch_rows: int
+    work_rows: int
+    max_kv_len: int
+
+
+@dataclass(slots=True, frozen=True)
+class PrefillLaunch:
+    """`num_tiles` row tiles (exact, or an upper bound the surplus CTAs of which exit);
+    `skip_single`: q_len == 1 sequences are left to the decode kernel; `zero_padding`: the kernel
+    zeroes the rows past `cu_seqlens_q[-1]`."""
+
+    num_tiles: int
+    skip_single: bool
+    zero_padding: bool
+
+
+@dataclass(slots=True, frozen=True)
+class AttentionRoute:
+    """Which kernels one paged-attention call launches. `zero_from`: the host zeroes
+    `out[zero_from:]` (padding rows it knows of)."""
+
+    decode: DecodeLaunch | None
+    prefill: PrefillLaunch | None
+    zero_from: int | None
 
 
 def group_bucket(group: int) -> int:
@@ -78,15 +116,19 @@ def compile_defines(dtype: torch.dtype, head_dim: int, block_size: int, group_ma
 
 
 def plan_decode(
-    num_tokens: int, num_kv_heads: int, max_kv_len: int, num_sms: int, *, num_splits: int | None = None
+    num_tokens: int, num_kv_heads: int, max_kv_len: int, num_sms: int, *, num_splits: int | None = None,
+    launch_rows: int | None = None,
 ) -> DecodePlan:
-    """Split the context across CTAs only when tokens x kv heads leave the GPU underfilled.
+    """Split the context across CTAs only when rows x kv heads leave the GPU underfilled.
 
+    `num_tokens` rows do work; `launch_rows` (default `num_tokens`) is grid.x, more when some
+    launched rows exit at once (sequences that are not single-token decodes, in decode mode).
     `max_kv_len` is an upper bound on any row's context (exact when the host knows it);
     `num_splits` forces a split count, clamped so that no split is entirely empty.
     """
-    if num_tokens < 1 or num_kv_heads < 1 or num_sms < 1:
-        raise ValueError(f"empty launch: {num_tokens=} {num_kv_heads=} {num_sms=}")
+    launch_rows = num_tokens if launch_rows is None else launch_rows
+    if num_tokens < 1 or launch_rows < num_tokens or num_kv_heads < 1 or num_sms < 1:
+        raise ValueError(f"empty launch: {num_tokens=} {launch_rows=} {num_kv_heads=} {num_sms=}")
     max_kv_len = max(1, max_kv_len)
     max_tiles = math.ceil(max_kv_len / DECODE_TILE)
     if num_splits is None:
@@ -105,19 +147,81 @@ def plan_decode(
         if num_splits == 1:
             partition = NO_SPLIT_PARTITION
     return DecodePlan(
-        grid=(num_tokens, num_kv_heads, num_splits),
+        grid=(launch_rows, num_kv_heads, num_splits),
         block=(DECODE_THREADS, 1, 1),
         num_splits=num_splits,
         partition_size=partition,
     )
 
 
-def plan_prefill(num_seqs: int, num_kv_heads: int, group: int, max_query_len: int) -> PrefillPlan:
-    """One CTA per PREFILL_BLOCK_M packed rows of the longest query; shorter ones exit early."""
-    tiles = max(1, math.ceil(max_query_len * group / PREFILL_BLOCK_M))
-    if num_seqs > 65535 or num_kv_heads > 65535:
-        raise ValueError(f"grid too large: {num_seqs=} {num_kv_heads=}")
-    return PrefillPlan(grid=(tiles, num_kv_heads, num_seqs), block=(PREFILL_THREADS, 1, 1))
+def prefill_tiles(query_len: int, group: int) -> int:
+    """Row tiles of one sequence: its query tokens x the heads of a GQA group, PREFILL_BLOCK_M a tile."""
+    return -(-query_len * group // PREFILL_BLOCK_M)
+
+
+def plan_prefill(num_tiles: int, num_kv_heads: int) -> PrefillPlan:
+    """One CTA per row tile of the batch and kv head."""
+    if num_tiles < 1 or num_kv_heads < 1:
+        raise ValueError(f"empty launch: {num_tiles=} {num_kv_heads=}")
+    if num_tiles >= 1 << 31 or num_kv_heads > 65535:
+        raise ValueError(f"grid too large: {num_tiles=} {num_kv_heads=}")
+    return PrefillPlan(grid=(num_tiles, num_kv_heads, 1), block=(PREFILL_THREADS, 1, 1))
+
+
+def route_attention(
+    shapes: AttentionShapes, query_lens: list[int] | None, seq_lens: list[int] | None, *, use_tensor_cores: bool = True
+) -> AttentionRoute:
+    """Pick the kernels for one batch from what the host knows.
+
+    With `query_lens` (host copies of the query lengths): single-token sequences go to the decode
+    kernel (split-KV when the GPU would be underfilled), longer chunks to the tensor-core prefill
+    kernel, sized by their exact tiles, and the host zeroes any padding rows. Without them the
+    composition is unknown: a batch of `num_seqs` tokens (usually all decodes, but possibly an
+    empty sequence beside a two-token chunk) runs the exact rows mode of the decode kernel, any
+    other batch the prefill kernel over an upper bound of its tiles, zeroing padding itself.
+    `use_tensor_cores=False` sends every row through rows mode. `seq_lens` (host copies) tighten
+    the decode context bound, else the block-table width bounds it.
+    """
+    table_bound = shapes.max_blocks_per_seq * shapes.block_size
+    if query_lens is not None:
+        _check_host_lens("query_lens_cpu", query_lens, shapes.num_seqs)
+        total = sum(query_lens)
+        _require(total <= shapes.num_tokens, f"query_lens_cpu sums to {total} > num_tokens {shapes.num_tokens}")
+    if seq_lens is not None:
+        _check_host_lens("seq_lens_cpu", seq_lens, shapes.num_seqs)
+    if not use_tensor_cores or query_lens is None and shapes.num_tokens == shapes.num_seqs:
+        max_kv_len = max(seq_lens) if seq_lens is not None else table_bound
+        rows = DecodeLaunch(ROWS_MODE, shapes.num_tokens, shapes.num_tokens, max_kv_len)
+        return AttentionRoute(decode=rows, prefill=None, zero_from=None)
+    if query_lens is None:
+        bound = prefill_tiles(shapes.num_tokens, shapes.group) + shapes.num_seqs + 1
+        return AttentionRoute(decode=None, prefill=PrefillLaunch(bound, False, True), zero_from=None)
+    num_decodes = query_lens.count(1)
+    decode = prefill = None
+    if num_decodes:
+        if seq_lens is None:
+            max_kv_len = table_bound
+        elif num_decodes == len(query_lens):
+            max_kv_len = max(seq_lens)
+        else:
+            max_kv_len = max(n for q, n in zip(query_lens, seq_lens) if q == 1)
+        decode = DecodeLaunch(DECODE_MODE, shapes.num_seqs, num_decodes, max_kv_len)
+    if num_decodes < len(query_lens):
+        tiles = sum(prefill_tiles(q, shapes.group) for q in query_lens if q > 1)
+        if tiles:
+            prefill = PrefillLaunch(tiles, skip_single=True, zero_padding=False)
+    return AttentionRoute(decode=decode, prefill=prefill, zero_from=total if total < shapes.num_tokens else None)
+
+
+def _check_host_lens(name: str, lens: list[int], num_seqs: int) -> None:
+    _require(len(lens) == num_seqs, f"{name} has {len(lens)} entries for {num_seqs} sequences")
+
+
+def check_slots(max_slot: int, k_cache: torch.Tensor) -> None:
+    """Raise IndexError, as the reference's `index_copy_` does, for a slot past the cache."""
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    if max_slot >= num_slots:
+        raise IndexError(f"slot_mapping holds slot {max_slot}, but the cache has {num_slots} slots")
 
 
 def plan_write_kv(row_bytes: int, addresses: tuple[int, ...]) -> tuple[str, int]:

@@ -4,6 +4,8 @@
 // pairs, row r = token * group + head, so one K/V tile serves every query head of the group. One CTA
 // (4 warps, 16 rows each) takes kBlockM such rows of one sequence and walks its keys in tiles of
 // kBlockN, copied into shared memory with cp.async (slots past the causal end are zero-filled).
+// The grid is flat over the batch's row tiles (grid.x), sequence after sequence, so it is sized by
+// the real work; each CTA finds its sequence with a block-wide scan of cu_seqlens_q.
 // Scores, the online softmax (log2 domain) and the output accumulators stay in registers: the
 // accumulator layout of one mma is reused as the A operand of the next, as in FlashAttention-2.
 #include "common.cuh"
@@ -14,12 +16,76 @@ constexpr int kPrefillThreads = 128;
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
 
+struct RowTile {
+  int seq;   // -1: no tile (the grid was an upper bound); num_seqs: the padding rows
+  int row0;  // first packed row of the tile within its sequence
+};
+
+// Tile `tile` of the batch. A sequence of q_len tokens has ceil(q_len * group / kBlockM) tiles, none
+// when skip_single and q_len == 1 (the decode kernel serves those rows). With zero_padding, the
+// rows past cu_seqlens_q[num_seqs] count as one more sequence, whose tiles are zeroed.
+__device__ __forceinline__ RowTile find_row_tile(const int* __restrict__ cu_seqlens_q, int num_seqs, int num_tokens,
+                                                 int group, int skip_single, int zero_padding, int tile) {
+  constexpr int kWarps = kPrefillThreads / 32;
+  __shared__ int warp_total[kWarps];
+  __shared__ RowTile found;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int num_entries = num_seqs + (zero_padding ? 1 : 0);
+  if (tid == 0) found = RowTile{-1, 0};
+  __syncthreads();
+  int base = 0;  // tiles of the entries before this chunk
+  for (int first = 0; first < num_entries; first += kPrefillThreads) {
+    const int s = first + tid;
+    int count = 0;
+    if (s < num_entries) {
+      const int q_len = (s < num_seqs ? cu_seqlens_q[s + 1] : num_tokens) - cu_seqlens_q[s];
+      count = skip_single && q_len == 1 && s < num_seqs ? 0 : (q_len * group + kBlockM - 1) / kBlockM;
+    }
+    int incl = count;  // inclusive scan over the warp, then over the warps
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += y;
+    }
+    if (lane == 31) warp_total[warp] = incl;
+    __syncthreads();
+    int before = 0, chunk = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      before += w < warp ? warp_total[w] : 0;
+      chunk += warp_total[w];
+    }
+    const int start = base + before + incl - count;
+    if (count > 0 && tile >= start && tile < start + count) found = RowTile{s, (tile - start) * kBlockM};
+    base += chunk;
+    __syncthreads();  // `found` is visible, warp_total free for the next chunk
+    if (found.seq >= 0) break;  // uniform: every thread reads the same shared value
+  }
+  return found;
+}
+
+// Zeroes the tile's packed rows among the padding rows (tokens cu_seqlens_q[num_seqs]..num_tokens).
+template <typename T, int D>
+__device__ __forceinline__ void zero_padding_rows(T* __restrict__ out, int first_token, int num_tokens,
+                                                  int row0, int group, int num_heads, int kvh) {
+  constexpr int CHUNKS = D / 8;  // 16-byte stores per row
+  const int num_rows = (num_tokens - first_token) * group;
+  for (int i = threadIdx.x; i < kBlockM * CHUNKS; i += kPrefillThreads) {
+    const int r = row0 + i / CHUNKS;
+    if (r >= num_rows) break;
+    const long long orow = static_cast<long long>(first_token + r / group) * num_heads + kvh * group + r % group;
+    *reinterpret_cast<uint4*>(out + orow * D + (i % CHUNKS) * 8) = make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
 template <typename T, int D, int BS>
 __device__ __forceinline__ void prefill_body(T* __restrict__ out, const T* __restrict__ q,
                                              const T* __restrict__ k_cache, const T* __restrict__ v_cache,
                                              const int* __restrict__ block_tables, const int* __restrict__ seq_lens,
-                                             const int* __restrict__ cu_seqlens_q, int num_heads, int num_kv_heads,
-                                             int max_blocks_per_seq, long long q_stride, float scale_log2) {
+                                             const int* __restrict__ cu_seqlens_q, int num_seqs, int num_tokens,
+                                             int num_heads, int num_kv_heads, int max_blocks_per_seq,
+                                             long long q_stride, float scale_log2, int skip_single,
+                                             int zero_padding) {
   constexpr int LDS = D + 8;  // padded row: conflict-free fragment reads
   constexpr int KS = D / 16;  // k-steps of the QK^T product
   constexpr int NB = kBlockN / 8;
@@ -30,14 +96,20 @@ __device__ __forceinline__ void prefill_body(T* __restrict__ out, const T* __res
   __shared__ __align__(16) unsigned short k_s[kBlockN][LDS];
   __shared__ __align__(16) unsigned short v_s[kBlockN][LDS];
 
-  const int seq = blockIdx.z;
   const int kvh = blockIdx.y;
+  const int group = num_heads / num_kv_heads;
+  const RowTile tile = find_row_tile(cu_seqlens_q, num_seqs, num_tokens, group, skip_single, zero_padding,
+                                     blockIdx.x);
+  if (tile.seq < 0) return;  // past the batch's last tile
+  if (tile.seq == num_seqs) {
+    zero_padding_rows<T, D>(out, cu_seqlens_q[num_seqs], num_tokens, tile.row0, group, num_heads, kvh);
+    return;
+  }
+  const int seq = tile.seq;
+  const int row0 = tile.row0;
   const int q_begin = cu_seqlens_q[seq];
   const int q_len = cu_seqlens_q[seq + 1] - q_begin;
-  const int group = num_heads / num_kv_heads;
   const int num_rows = q_len * group;
-  const int row0 = blockIdx.x * kBlockM;
-  if (row0 >= num_rows) return;  // grid sized for the longest query of the batch
 
   const int ctx_before = seq_lens[seq] - q_len;
   const int last_token = (min(num_rows, row0 + kBlockM) - 1) / group;
@@ -187,12 +259,14 @@ __device__ __forceinline__ void prefill_body(T* __restrict__ out, const T* __res
 
 }  // namespace omnibus
 
+// grid (row tiles, num_kv_heads, 1); see find_row_tile for skip_single and zero_padding.
 extern "C" __global__ void __launch_bounds__(omnibus::kPrefillThreads, 2)
     omnibus_prefill(OMNIBUS_SCALAR* out, const OMNIBUS_SCALAR* q, const OMNIBUS_SCALAR* k_cache,
                     const OMNIBUS_SCALAR* v_cache, const int* block_tables, const int* seq_lens,
-                    const int* cu_seqlens_q, int num_heads, int num_kv_heads, int max_blocks_per_seq,
-                    long long q_stride, float scale_log2) {
+                    const int* cu_seqlens_q, int num_seqs, int num_tokens, int num_heads, int num_kv_heads,
+                    int max_blocks_per_seq, long long q_stride, float scale_log2, int skip_single,
+                    int zero_padding) {
   omnibus::prefill_body<OMNIBUS_SCALAR, OMNIBUS_HEAD_DIM, OMNIBUS_BLOCK_SIZE>(
-      out, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, num_heads, num_kv_heads, max_blocks_per_seq,
-      q_stride, scale_log2);
+      out, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, num_seqs, num_tokens, num_heads, num_kv_heads,
+      max_blocks_per_seq, q_stride, scale_log2, skip_single, zero_padding);
 }

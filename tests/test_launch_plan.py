@@ -147,10 +147,80 @@ def test_forced_split_count_must_be_positive():
         lp.plan_decode(1, 1, 100, 132, num_splits=0)
 
 
-def test_prefill_grid_covers_packed_rows():
-    plan = lp.plan_prefill(num_seqs=3, num_kv_heads=4, group=7, max_query_len=100)
-    assert plan.grid == (math.ceil(700 / lp.PREFILL_BLOCK_M), 4, 3) and plan.block == (128, 1, 1)
-    assert lp.plan_prefill(1, 1, 1, 0).grid == (1, 1, 1)
+def test_prefill_grid_is_flat_over_row_tiles():
+    assert lp.prefill_tiles(100, 7) == math.ceil(700 / lp.PREFILL_BLOCK_M) == 11
+    assert lp.prefill_tiles(1, 1) == 1 and lp.prefill_tiles(64, 1) == 1 and lp.prefill_tiles(65, 1) == 2
+    plan = lp.plan_prefill(num_tiles=11, num_kv_heads=4)
+    assert plan.grid == (11, 4, 1) and plan.block == (128, 1, 1)
+    with pytest.raises(ValueError, match="empty launch"):
+        lp.plan_prefill(0, 4)
+
+
+def shapes(num_tokens, num_seqs, num_heads=8, num_kv_heads=2, block_size=16, max_blocks_per_seq=10):
+    return lp.AttentionShapes(num_tokens, num_heads, num_kv_heads, 128, block_size, num_seqs, max_blocks_per_seq)
+
+
+def test_route_pure_decode_with_hints():
+    route = lp.route_attention(shapes(3, 3), [1, 1, 1], [5, 900, 17])
+    assert route == lp.AttentionRoute(decode=lp.DecodeLaunch(lp.DECODE_MODE, 3, 3, 900), prefill=None, zero_from=None)
+
+
+def test_route_mixed_batch_sends_single_tokens_to_decode():
+    route = lp.route_attention(shapes(72, 4), [1, 70, 1, 0], [4000, 70, 9, 30])
+    assert route.decode == lp.DecodeLaunch(lp.DECODE_MODE, 4, 2, 4000)  # bound by the decodes' contexts only
+    assert route.prefill == lp.PrefillLaunch(num_tiles=lp.prefill_tiles(70, 4), skip_single=True, zero_padding=False)
+    assert route.zero_from is None
+
+
+def test_route_padding_known_on_the_host_is_zeroed_there():
+    route = lp.route_attention(shapes(10, 2), [1, 1], None)
+    assert route.zero_from == 2 and route.prefill is None
+    assert route.decode == lp.DecodeLaunch(lp.DECODE_MODE, 2, 2, 10 * 16)  # no seq_lens: the table bounds it
+    assert lp.route_attention(shapes(4, 2), [0, 0], [3, 3]) == lp.AttentionRoute(None, None, zero_from=0)
+
+
+def test_route_without_hints():
+    # num_tokens == num_seqs may still hide an empty sequence beside a chunk: the exact rows mode.
+    assert lp.route_attention(shapes(2, 2), None, None) == lp.AttentionRoute(
+        decode=lp.DecodeLaunch(lp.ROWS_MODE, 2, 2, 160), prefill=None, zero_from=None)
+    route = lp.route_attention(shapes(300, 3), None, [5, 200, 100])
+    bound = lp.prefill_tiles(300, 4) + 3 + 1  # each sequence's tiles round up once, padding is one more
+    assert route == lp.AttentionRoute(None, lp.PrefillLaunch(bound, skip_single=False, zero_padding=True), None)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_prefill_tile_bound_holds_for_any_split_of_the_tokens(seed):
+    rng = np.random.default_rng(seed)
+    num_seqs, group = int(rng.integers(1, 40)), int(rng.integers(1, 17))
+    query_lens = rng.integers(0, 200, num_seqs).tolist()
+    num_tokens = sum(query_lens) + int(rng.integers(0, 100))
+    route = lp.route_attention(shapes(num_tokens, num_seqs, num_heads=group, num_kv_heads=1), None, None)
+    if route.prefill is not None:
+        exact = sum(lp.prefill_tiles(n, group) for n in query_lens) + lp.prefill_tiles(num_tokens - sum(query_lens),
+                                                                                        group)
+        assert exact <= route.prefill.num_tiles
+
+
+def test_route_rows_mode_on_request():
+    route = lp.route_attention(shapes(12, 2), [2, 7], [2, 7], use_tensor_cores=False)
+    assert route == lp.AttentionRoute(lp.DecodeLaunch(lp.ROWS_MODE, 12, 12, 7), None, None)
+
+
+@pytest.mark.parametrize("query_lens, seq_lens, message", [
+    ([1, 1, 1], None, "query_lens_cpu has 3 entries for 2 sequences"),
+    ([1, 1], [3], "seq_lens_cpu has 1 entries for 2 sequences"),
+    ([5, 9], None, "query_lens_cpu sums to 14 > num_tokens 10"),
+])
+def test_route_rejects_inconsistent_hints(query_lens, seq_lens, message):
+    with pytest.raises(ValueError, match=message):
+        lp.route_attention(shapes(10, 2), query_lens, seq_lens)
+
+
+def test_plan_decode_grid_covers_launch_rows():
+    plan = lp.plan_decode(2, 8, 16384, 132, launch_rows=9)
+    assert plan.grid[:2] == (9, 8) and plan.num_splits > 1
+    with pytest.raises(ValueError, match="empty launch"):
+        lp.plan_decode(3, 8, 100, 132, launch_rows=2)
 
 
 def test_write_kv_picks_the_widest_aligned_copy():
@@ -209,17 +279,20 @@ def assert_matches_signature(name, args):
     assert [type(a) for a in args] == expected, f"{name}: packed {[type(a).__name__ for a in args]}"
 
 
-def test_decode_arguments_match_the_kernel(recorder):
+@pytest.mark.parametrize("hints, mode", [(True, lp.DECODE_MODE), (False, lp.ROWS_MODE)])
+def test_decode_arguments_match_the_kernel(recorder, hints, mode):
     q, k, v, tables, seq_lens, _ = attention_inputs(num_tokens=2, num_seqs=2)
     tables = torch.zeros(2, 600, dtype=torch.int32)
     cu = torch.arange(3, dtype=torch.int32)
-    recorder.paged_attention(q, k, v, tables, seq_lens, cu, 0.1, num_splits=4)
+    kwargs = {"query_lens_cpu": [1, 1], "seq_lens_cpu": [9000, 5]} if hints else {}
+    recorder.paged_attention(q, k, v, tables, seq_lens, cu, 0.1, num_splits=4, **kwargs)
     (decode, grid, block, args), (merge, mgrid, mblock, margs) = recorder.launches
     assert (decode, merge) == ("omnibus_decode", "omnibus_decode_merge")
     assert grid == (2, 2, 4) and block == (128, 1, 1) and mgrid == (2, 8, 1) and mblock == (128, 1, 1)
     assert_matches_signature(decode, args)
     assert_matches_signature(merge, margs)
-    assert args[15] == 1 and args[16] == np.float32(0.1 * cuda_ops.LOG2E)  # decode_only, scale in log2 units
+    assert args[15] == mode and args[16] == np.float32(0.1 * cuda_ops.LOG2E)  # scale in log2 units
+    assert margs[4] == 2 and margs[7] == mode  # the merge walks the same launch rows
 
 
 def test_prefill_arguments_match_the_kernel(recorder):
@@ -227,11 +300,59 @@ def test_prefill_arguments_match_the_kernel(recorder):
     cu = torch.tensor([0, 3, 5], dtype=torch.int32)
     recorder.paged_attention(q, k, v, tables[:2], seq_lens[:2], cu, 0.1, query_lens_cpu=[3, 2])
     recorder.paged_attention(q, k, v, tables[:2], seq_lens[:2], cu, 0.1, use_tensor_cores=False)
-    (prefill, grid, _, args), (rows, rgrid, _, rargs) = recorder.launches
-    assert prefill == "omnibus_prefill" and grid == (1, 2, 2)
+    recorder.paged_attention(q, k, v, tables[:2], seq_lens[:2], cu, 0.1)
+    (prefill, grid, _, args), (rows, rgrid, _, rargs), (bounded, bgrid, _, bargs) = recorder.launches
+    assert prefill == "omnibus_prefill" and grid == (2, 2, 1)  # one tile each: 3 and 2 tokens x 4 heads
     assert_matches_signature(prefill, args)
-    assert rows == "omnibus_decode" and rgrid[:2] == (5, 2) and rargs[15] == 0  # rows path: not decode-only
+    assert args[7:9] == (2, 5) and args[14:] == (1, 0)  # num_seqs, num_tokens; skip_single, no padding to zero
+    assert rows == "omnibus_decode" and rgrid[:2] == (5, 2) and rargs[15] == lp.ROWS_MODE
     assert_matches_signature(rows, rargs)
+    assert bounded == "omnibus_prefill" and bgrid == (1 + 2 + 1, 2, 1) and bargs[14:] == (0, 1)
+
+
+def test_mixed_batch_launches_decode_then_prefill(recorder):
+    q, k, v, tables, seq_lens, _ = attention_inputs(num_tokens=6, num_seqs=3)
+    cu = torch.tensor([0, 1, 5, 6], dtype=torch.int32)
+    out = recorder.paged_attention(q, k, v, tables[:3], seq_lens[:3], cu, 0.1, query_lens_cpu=[1, 4, 1],
+                                   seq_lens_cpu=[40, 4, 3])
+    names = [name for name, *_ in recorder.launches]
+    assert names == ["omnibus_decode", "omnibus_prefill"]  # contexts too short to split
+    (_, grid, _, args), (_, pgrid, _, pargs) = recorder.launches
+    assert grid == (3, 2, 1) and args[10] == 3 and args[15] == lp.DECODE_MODE
+    assert pgrid == (1, 2, 1) and pargs[14] == 1
+    assert out.shape == q.shape
+
+
+def test_known_padding_is_zeroed_on_the_host(recorder):
+    q, k, v, tables, seq_lens, _ = attention_inputs(num_tokens=4, num_seqs=2)
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
+    out = torch.full_like(q, float("nan"))
+    recorder.paged_attention(q, k, v, tables[:2], seq_lens[:2], cu, 0.1, out=out, query_lens_cpu=[1, 1])
+    assert torch.equal(out[2:], torch.zeros_like(out[2:])) and out[:2].isnan().all()
+
+
+def test_write_kv_rejects_a_slot_past_the_cache_before_launching(recorder):
+    key, value, k_cache, v_cache, _ = write_kv_inputs()
+    slots = torch.tensor([0, -1, 63, 64, 5])  # the cache has 4 x 16 slots
+    with pytest.raises(IndexError, match="slot_mapping holds slot 64, but the cache has 64 slots"):
+        recorder.write_kv(key, value, k_cache, v_cache, slots)
+    assert recorder.launches == []
+
+
+def test_write_kv_checks_one_slot_mapping_once(recorder, monkeypatch):
+    """A model passes one slot_mapping to every layer: its check (a device read) runs once."""
+    calls = []
+    check = lp.check_slots
+    monkeypatch.setattr(lp, "check_slots", lambda max_slot, cache: calls.append(max_slot) or check(max_slot, cache))
+    key, value, k_cache, v_cache, slots = write_kv_inputs()
+    for _ in range(3):
+        recorder.write_kv(key, value, k_cache, v_cache, slots)
+    assert calls == [4]
+    slots[0] = 70  # written in place: checked again
+    with pytest.raises(IndexError):
+        recorder.write_kv(key, value, k_cache, v_cache, slots)
+    recorder.write_kv(key, value, k_cache, v_cache, torch.arange(5))  # another tensor
+    assert calls == [4, 70, 4] and len(recorder.launches) == 4
 
 
 def test_write_kv_arguments_match_the_kernel(recorder):
@@ -247,3 +368,5 @@ def test_empty_batch_launches_nothing(recorder):
     q, k, v, tables, seq_lens, cu = attention_inputs()
     out = recorder.paged_attention(q[:0], k, v, tables[:0], seq_lens[:0], cu[:1], 0.1)
     assert out.shape == (0, 8, 128) and recorder.launches == []
+    out = recorder.paged_attention(q, k, v, tables[:0], seq_lens[:0], cu[:1], 0.1)  # rows, but no sequence
+    assert torch.equal(out, torch.zeros_like(q)) and recorder.launches == []
