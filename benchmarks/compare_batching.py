@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.bench.report import git_revision, machine_info
-from clients.bench.workloads import random_workload, save_workload
+from clients.bench.workloads import random_workload, save_workload, sharegpt_like_workload
 
 # (column, path into a result's "metrics"): the figures the summary quotes.
 HEADLINE = [
@@ -45,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-requests", type=int, default=48)
     parser.add_argument("--input-len", default="16:256")
     parser.add_argument("--output-len", default="16:192")
+    parser.add_argument("--workload", choices=["random", "sharegpt"], default="random",
+                        help="random: uniform lengths over --input-len/--output-len; sharegpt: long-tailed "
+                             "(log-normal) lengths capped at their upper bounds")
+    parser.add_argument("--systems", nargs="+", default=["continuous", "static", "transformers"],
+                        choices=["continuous", "static", "transformers"])
     parser.add_argument("--batch-size", type=int, default=16, help="max-num-seqs of both policies and the HF batch size")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hf-repeats", type=int, default=None, help="default: --repeats")
@@ -103,8 +108,13 @@ def served(args: argparse.Namespace, scheduling: str, extra_flags: Sequence[str]
 def save_seeded_workload(args: argparse.Namespace) -> Path:
     """The run's random workload, written once so every system replays the same requests."""
     workload = args.out / "workload.json"
-    save_workload(workload, random_workload(args.num_requests, span(args.input_len), span(args.output_len),
-                                            vocab_size=49152, seed=args.seed))
+    if args.workload == "sharegpt":
+        requests = sharegpt_like_workload(args.num_requests, args.seed, max_input=span(args.input_len)[1],
+                                          max_output=span(args.output_len)[1], vocab_size=49152)
+    else:
+        requests = random_workload(args.num_requests, span(args.input_len), span(args.output_len),
+                                   vocab_size=49152, seed=args.seed)
+    save_workload(workload, requests)
     return workload
 
 
@@ -153,6 +163,8 @@ def summarize(summary: dict[str, dict[str, float]]) -> str:
     for name, values in summary.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[c]:.1f}" for c in columns) + " |")
     lines.append("")
+    if "continuous" not in summary:
+        return "\n".join(lines)
     base = summary["continuous"]["output tok/s"]
     for other in ("static", "transformers"):
         if other in summary:
@@ -164,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     workload = save_seeded_workload(args)
-    runs = {"continuous": run_engine(args, "continuous", workload),
-            "static": run_engine(args, "static", workload),
-            "transformers": run_hf(args, workload)}
+    runners = {"continuous": lambda: run_engine(args, "continuous", workload),
+               "static": lambda: run_engine(args, "static", workload),
+               "transformers": lambda: run_hf(args, workload)}
+    runs = {name: runners[name]() for name in args.systems}
     summary = {name: medians(paths) for name, paths in runs.items()}
     table = summarize(summary)
     print(table)

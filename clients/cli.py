@@ -18,6 +18,7 @@ from pathlib import Path
 
 from clients.bench.cli import add_bench_arguments, run_bench
 from gateway_svc.cli import add_gateway_arguments, run_gateway
+from worker_svc.backends import ATTENTION_BACKENDS, ATTENTION_HELP, LINEAR_BACKENDS, LINEAR_HELP
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -101,8 +102,8 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
                         help="CPU worker: torch threads (default: every usable core; fewer on a shared machine)")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context length")
     parser.add_argument("--load-format", default="auto", choices=["auto", "random"], help="random: random weights for the config")
-    parser.add_argument("--attention-backend", default="auto", choices=["auto", "cuda", "torch"],
-                        help="cuda: our CUDA kernels (opt-in until verified on a GPU); auto/torch: the torch reference")
+    parser.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS), help=ATTENTION_HELP)
+    parser.add_argument("--linear-backend", default="auto", choices=list(LINEAR_BACKENDS), help=LINEAR_HELP)
 
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +137,8 @@ def worker_command(args: argparse.Namespace, endpoint: str, model_dir: Path, ran
     command = [sys.executable, "-m", "worker_svc", "--scheduler", endpoint, "--rank", str(rank),
                "--world-size", "1", "--model", str(model_dir), "--device", args.device, "--dtype", args.dtype,
                "--block-size", str(args.block_size), "--load-format", args.load_format,
-               "--attention-backend", args.attention_backend, "--parent-pid", str(os.getpid())]
+               "--attention-backend", args.attention_backend, "--linear-backend", args.linear_backend,
+               "--parent-pid", str(os.getpid())]
     command += ["--log-level", args.log_level.upper()]
     for flag in ("num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "max_model_len", "swap_space_gb",
                  "num_threads"):

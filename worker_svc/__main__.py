@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from worker_svc.backends import ATTENTION_BACKENDS, ATTENTION_HELP, LINEAR_BACKENDS, LINEAR_HELP
 from worker_svc.model_store import DEFAULT_MODEL, LOAD_FORMATS
 from worker_svc.worker import WorkerConfig, run_worker
 
@@ -37,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch CPU threads (default: every usable core)")
-    parser.add_argument("--attention-backend", default="auto", choices=["auto", "cuda", "torch"],
-                        help="cuda: our CUDA kernels (opt-in until verified on a GPU); auto/torch: the torch reference")
+    parser.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
+                        help=ATTENTION_HELP)
+    parser.add_argument("--linear-backend", default="auto", choices=list(LINEAR_BACKENDS), help=LINEAR_HELP)
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="exit when this process (the spawning scheduler) is gone")
     parser.add_argument("--log-level", default="INFO")
@@ -65,6 +67,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_model_len=args.max_model_len,
         num_threads=args.num_threads or len(os.sched_getaffinity(0)),
         attention_backend=args.attention_backend,
+        linear_backend=args.linear_backend,
         parent_pid=args.parent_pid,
     )
 

@@ -20,6 +20,8 @@ import zmq
 
 from scheduler_svc import protocol
 from kernels.reference import AttentionOps
+from worker_svc.backends import ATTENTION_BACKENDS, LINEAR_BACKENDS
+from worker_svc.cpu_linear import pack_linears, resolve_linear_backend
 from worker_svc.kv_cache import (
     KVCacheSpec,
     allocate_kv_caches,
@@ -58,7 +60,10 @@ class WorkerConfig:
     heartbeat_interval: float = 1.0
     max_model_len: int | None = None  # defaults to the model's
     num_threads: int | None = None  # CPU torch threads; default: every usable core
-    attention_backend: str = "auto"  # auto (torch until the kernels are verified) | cuda | torch
+    # auto: our C++ kernels on a CPU (the reference where they cannot be built), the torch
+    # reference on a GPU until the CUDA kernels are verified | cpu | cuda | torch
+    attention_backend: str = "auto"
+    linear_backend: str = "auto"  # auto (oneDNN prepacked on a float32 CPU model) | onednn | torch
     parent_pid: int | None = None  # exit when this process (the scheduler that spawned us) is gone
 
     def __post_init__(self) -> None:
@@ -67,8 +72,10 @@ class WorkerConfig:
         if self.world_size != 1:
             # Ranks would each run the whole model and sample on their own: refuse, not pretend.
             raise ValueError("tensor parallelism is not implemented yet: world_size must be 1")
-        if self.attention_backend not in ("auto", "cuda", "torch"):
-            raise ValueError(f"attention_backend {self.attention_backend!r} is not auto, cuda or torch")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
+        if self.linear_backend not in LINEAR_BACKENDS:
+            raise ValueError(f"linear_backend {self.linear_backend!r} is not one of {LINEAR_BACKENDS}")
         if self.block_size <= 0 or self.heartbeat_interval <= 0:
             raise ValueError("block_size and heartbeat_interval must be positive")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -114,6 +121,9 @@ def build_runner(config: WorkerConfig) -> tuple[ModelRunner, protocol.WorkerHell
     model_dir = prepare_model(config.model, config.load_format)
     attn_ops = attention_ops(config.attention_backend, device)
     model = load_model(model_dir, device, dtype, config.load_format, attn_ops)
+    linear_backend = resolve_linear_backend(config.linear_backend, model)
+    if linear_backend == "onednn":
+        pack_linears(model)
     max_model_len = _max_model_len(model, config.max_model_len)
     spec = KVCacheSpec(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim,
                        dtype)
@@ -140,9 +150,9 @@ def build_runner(config: WorkerConfig) -> tuple[ModelRunner, protocol.WorkerHell
         swap_bytes_per_s=swap_bytes_per_s,
     )
     logger.info(
-        "worker %d ready: model %s, device %s, dtype %s, %d KV blocks of %d tokens "
+        "worker %d ready: model %s, device %s, dtype %s, linears %s, %d KV blocks of %d tokens "
         "(%.2f GiB), max_model_len %d, loaded in %.1fs",
-        config.rank, model_dir, hello.device, hello.dtype, num_blocks, config.block_size,
+        config.rank, model_dir, hello.device, hello.dtype, linear_backend, num_blocks, config.block_size,
         num_blocks * spec.bytes_per_block / (1 << 30), max_model_len,
         time.perf_counter() - started,
     )
@@ -158,10 +168,12 @@ def _swap_space(config: WorkerConfig, spec: KVCacheSpec, device: torch.device) -
 
 
 def attention_ops(backend: str, device: torch.device) -> AttentionOps:
-    """The attention implementation: our CUDA kernels only when asked for, else the reference.
+    """The attention implementation for `backend` on `device`.
 
-    `auto` stays on the torch reference until the CUDA kernels have passed their tests on real
-    hardware (kernels/README.md); `cuda` opts in and needs CuPy.
+    On a CPU, `auto` is our C++ kernels (`kernels/cpu`), or the torch reference with a warning
+    where they cannot be built; `cpu` insists on them. On a GPU, `auto` stays on the torch
+    reference until the CUDA kernels have passed their tests on real hardware (kernels/README.md);
+    `cuda` opts in and needs CuPy. `torch` is the reference everywhere.
     """
     if backend == "cuda":
         if device.type != "cuda":
@@ -170,6 +182,20 @@ def attention_ops(backend: str, device: torch.device) -> AttentionOps:
         from kernels.cuda_ops import cuda_attention_ops
 
         return cuda_attention_ops()
+    if backend == "cpu" or (backend == "auto" and device.type == "cpu"):
+        if device.type != "cpu":
+            raise ValueError("the cpu attention backend needs a CPU device")
+        from kernels.cpu_ops import load_cpu_attention
+
+        kernels, why_not = load_cpu_attention()
+        if kernels is not None:
+            logger.info("attention: CPU kernels (%s)", kernels.isa)
+            return kernels.ops()
+        if backend == "cpu":
+            raise RuntimeError(f"the CPU attention kernels cannot be built here: {why_not}")
+        logger.warning("attention: the CPU kernels cannot be built here (%s); using the slower torch "
+                       "reference", why_not)
+        return AttentionOps()
     if device.type == "cuda" and backend == "auto":
         logger.info("attention: torch reference (pass --attention-backend cuda for our kernels)")
     return AttentionOps()

@@ -1,0 +1,267 @@
+"""The CPU decode step against its floors: matrix products, attention and memory bandwidth.
+
+For each batch x context it times, in one process and one run, with the real default model:
+
+- `step`: one decode step as the worker runs it (forward over the paged KV cache, logits of the
+  sampled rows, greedy sampling) with the configuration's attention and linear backends;
+- `gemm floor`: the model's matrix products alone (every layer's qkv, o, gate_up and down
+  projections plus the LM head, on the same number of rows), through every linear backend; the
+  floor is the fastest;
+- `attention`: the attention calls alone (every layer, same metadata) with the configuration's
+  kernel, and the time the K/V bytes they read take at the memory bandwidth measured in the run.
+
+Configurations: `before` (torch reference attention, `F.linear`) and `after` (the defaults on a
+CPU: our C++ kernels, oneDNN prepacked linears). Medians over `--repeats`.
+
+    python -m benchmarks.cpu_step --result-json bench_results/cpu_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from clients.bench.report import git_revision
+from kernels.reference import AttentionOps
+from worker_svc.attention_metadata import AttentionMetadata
+from worker_svc.cpu_linear import PackedLinear, pack_linears
+from worker_svc.model_store import load_model, prepare_model
+from worker_svc.models.llama import LlamaForCausalLM
+from worker_svc.sampler import Sampler
+from scheduler_svc.protocol import SamplingOptions
+from worker_svc.worker import attention_ops
+
+CONFIGS = {"before": ("torch", "torch"), "after": ("auto", "onednn")}  # (attention, linear)
+BLOCK_SIZE = 16
+
+
+@dataclass(slots=True)
+class StepPoint:
+    config: str
+    batch: int
+    context: int
+    step_ms: float
+    gemm_ms: dict[str, float]  # per linear backend
+    gemm_floor_ms: float
+    attention_ms: float
+    kv_bytes: int
+    attention_floor_ms: float  # kv_bytes at the measured bandwidth
+
+    @property
+    def step_over_floor(self) -> float:
+        return self.step_ms / self.gemm_floor_ms
+
+    @property
+    def attention_share(self) -> float:
+        return self.attention_ms / self.step_ms
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--extra", nargs="*", default=["32x300"], help="more BATCHxCONTEXT points")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--num-threads", type=int, default=None, help="default: every usable core")
+    parser.add_argument("--max-kv-gib", type=float, default=8.0, help="skip points whose KV pool is larger")
+    parser.add_argument("--model", default=None, help="default: the default model")
+    parser.add_argument("--result-json", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def median_s(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def read_bandwidth_gbs(repeats: int) -> float:
+    """Memory read bandwidth of this process's threads: summing a 1 GiB tensor."""
+    data = torch.ones(1 << 28)
+    seconds = median_s(data.sum, repeats)
+    return data.numel() * data.element_size() / seconds / 1e9
+
+
+def decode_inputs(model: LlamaForCausalLM, batch: int, context: int, generator: torch.Generator):
+    """A random KV pool (every slot filled) and one decode token per sequence after `context`."""
+    seq_len = context + 1
+    blocks_per_seq = -(-seq_len // BLOCK_SIZE)
+    num_blocks = batch * blocks_per_seq + 1
+    shape = (num_blocks, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
+    caches = [(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
+              for _ in range(model.num_layers)]
+    ids = torch.randperm(num_blocks, generator=generator)[: batch * blocks_per_seq].view(batch, -1)
+    attn = AttentionMetadata.build(ids.tolist(), [seq_len] * batch, [1] * batch, BLOCK_SIZE)
+    input_ids = torch.randint(model.vocab_size, (batch,), generator=generator)
+    positions = torch.full((batch,), context, dtype=torch.int64)
+    return caches, attn, input_ids, positions
+
+
+def kv_bytes(model: LlamaForCausalLM, batch: int, context: int) -> int:
+    per_token = 2 * model.num_kv_heads * model.head_dim * 4 * model.num_layers
+    return batch * (context + 1) * per_token
+
+
+def linear_shapes(model: LlamaForCausalLM) -> list[tuple[int, int]]:
+    """(in, out) of every matrix product of one step, LM head last."""
+    layer = model.model.layers[0]
+    per_layer = [
+        (layer.self_attn.q_size, layer.self_attn.q_size + 2 * layer.self_attn.kv_size),
+        (layer.self_attn.q_size, model.config.hidden_size),
+        (model.config.hidden_size, 2 * layer.mlp.intermediate_size),
+        (layer.mlp.intermediate_size, model.config.hidden_size),
+    ]
+    per_layer[0] = (model.config.hidden_size, per_layer[0][1])
+    return per_layer * model.num_layers + [(model.config.hidden_size, model.vocab_size)]
+
+
+def gemm_times(model: LlamaForCausalLM, rows: int, repeats: int, generator: torch.Generator) -> dict[str, float]:
+    """Seconds of the step's matrix products on `rows` rows, per linear backend."""
+    shapes = linear_shapes(model)
+    weights = [torch.randn(n, k, generator=generator) * 0.02 for k, n in shapes]
+    inputs = {k: torch.randn(rows, k, generator=generator) for k, _ in set(shapes)}
+    packed = [PackedLinear(w, None) for w in weights]
+    with torch.inference_mode():
+        return {
+            "torch": median_s(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], repeats),
+            "onednn": median_s(lambda: [p(inputs[p.in_features]) for p in packed], repeats),
+        }
+
+
+def build(model_dir: Path, attention: str, linear: str) -> tuple[LlamaForCausalLM, AttentionOps]:
+    ops = attention_ops(attention, torch.device("cpu"))
+    model = load_model(model_dir, torch.device("cpu"), torch.float32, attn_ops=ops)
+    if linear == "onednn":
+        pack_linears(model)
+    return model, ops
+
+
+@torch.inference_mode()
+def measure_point(config: str, model: LlamaForCausalLM, ops: AttentionOps, batch: int, context: int,
+                  gemm: dict[str, float], bandwidth_gbs: float, repeats: int) -> StepPoint:
+    generator = torch.Generator().manual_seed(batch * 100_003 + context)
+    caches, attn, input_ids, positions = decode_inputs(model, batch, context, generator)
+    sampler = Sampler("cpu")
+    greedy = [SamplingOptions()] * batch
+    sample_positions = [context + 1] * batch
+
+    def step():
+        hidden = model(input_ids, positions, caches, attn)
+        return sampler.sample(model.compute_logits(hidden), greedy, sample_positions).tolist()
+
+    q = torch.randn(batch, model.num_heads, model.head_dim, generator=generator)
+    scale = model.head_dim**-0.5
+
+    def attention():
+        for k_cache, v_cache in caches:
+            ops.paged_attention(q, k_cache, v_cache, attn.block_tables, attn.seq_lens, attn.cu_seqlens_q, scale,
+                                query_lens_cpu=attn.query_lens_cpu, seq_lens_cpu=attn.seq_lens_cpu)
+
+    num_bytes = kv_bytes(model, batch, context)
+    return StepPoint(
+        config=config, batch=batch, context=context,
+        step_ms=median_s(step, repeats) * 1e3,
+        gemm_ms={name: t * 1e3 for name, t in gemm.items()},
+        gemm_floor_ms=min(gemm.values()) * 1e3,
+        attention_ms=median_s(attention, repeats) * 1e3,
+        kv_bytes=num_bytes,
+        attention_floor_ms=num_bytes / (bandwidth_gbs * 1e9) * 1e3,
+    )
+
+
+def points(args: argparse.Namespace) -> list[tuple[int, int]]:
+    grid = [(b, c) for b in args.batches for c in args.contexts]
+    for text in args.extra:
+        b, c = text.split("x")
+        grid.append((int(b), int(c)))
+    return grid
+
+
+def format_table(results: list[StepPoint], bandwidth_gbs: float, weight_bytes: int) -> str:
+    lines = [
+        f"read bandwidth {bandwidth_gbs:.1f} GB/s; weights streamed per step {weight_bytes / 1e6:.0f} MB",
+        "| config | batch | context | step ms | F.linear ms | oneDNN ms | GEMM floor ms | step / floor "
+        "| attention ms | attention % of step | attention bandwidth floor ms | tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.config} | {r.batch} | {r.context} | {r.step_ms:.1f} | {r.gemm_ms['torch']:.1f} "
+            f"| {r.gemm_ms['onednn']:.1f} | {r.gemm_floor_ms:.1f} | {r.step_over_floor:.2f}x "
+            f"| {r.attention_ms:.1f} | {100 * r.attention_share:.0f}% | {r.attention_floor_ms:.1f} "
+            f"| {r.batch / r.step_ms * 1e3:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    model_dir = prepare_model(args.model)
+    bandwidth = read_bandwidth_gbs(args.repeats)
+    grid = [(b, c) for b, c in points(args)]
+    results: list[StepPoint] = []
+    generator = torch.Generator().manual_seed(0)
+    gemm_cache: dict[int, dict[str, float]] = {}
+    weight_bytes = 0
+    for config in args.configs:
+        model, ops = build(model_dir, *CONFIGS[config])
+        weight_bytes = sum(k * n * 4 for k, n in linear_shapes(model))
+        for batch, context in grid:
+            pool_gib = kv_bytes(model, batch, context) / (1 << 30)
+            if pool_gib > args.max_kv_gib:
+                print(f"skip batch {batch} context {context}: KV pool {pool_gib:.1f} GiB > --max-kv-gib")
+                continue
+            if batch not in gemm_cache:
+                gemm_cache[batch] = gemm_times(model, batch, args.repeats, generator)
+            point = measure_point(config, model, ops, batch, context, gemm_cache[batch], bandwidth, args.repeats)
+            results.append(point)
+            print(format_table([point], bandwidth, weight_bytes).splitlines()[-1], flush=True)
+        del model, ops
+    table = format_table(results, bandwidth, weight_bytes)
+    print(table)
+    if args.result_json:
+        args.result_json.parent.mkdir(parents=True, exist_ok=True)
+        args.result_json.write_text(json.dumps({
+            "benchmark": "cpu_step",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "git": git_revision(),
+            "machine": {"platform": platform.platform(), "processor": _cpu_model(),
+                        "threads": torch.get_num_threads(), "torch": torch.__version__},
+            "read_bandwidth_gbs": bandwidth,
+            "weight_bytes": weight_bytes,
+            "config": {k: str(v) for k, v in vars(args).items()},
+            "points": [{**asdict(r), "step_over_floor": r.step_over_floor, "attention_share": r.attention_share}
+                       for r in results],
+        }, indent=1) + "\n")
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,45 @@
+// Plain-data interface between the torch binding (ops.cpp) and the per-ISA attention kernels.
+// The ISA translation units include no torch or standard-library headers, so no inline function
+// compiled for AVX-512 can be shared with (and picked by the linker for) AVX2-only code.
+#pragma once
+
+#include <stdint.h>
+
+namespace omnibus_cpu {
+
+enum DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Limits of one work item: its queries' accumulators live on the stack.
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxTileQueries = 64;  // (query rows x GQA group) per work item
+constexpr int kKeyTile = 16;         // keys scored together
+
+struct AttentionArgs {
+  const void* q;        // [num_tokens, num_heads, head_dim], head_dim contiguous
+  const void* k_cache;  // [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+  const void* v_cache;
+  void* out;            // [num_tokens, num_heads, head_dim], contiguous
+  const int32_t* block_tables;  // [num_seqs, block_table_stride]
+  const int32_t* seq_lens;      // [num_seqs]
+  const int32_t* cu_seqlens_q;  // [num_seqs + 1]
+  int64_t q_token_stride, q_head_stride;  // in elements
+  int64_t block_table_stride;
+  int32_t num_heads, num_kv_heads, head_dim, block_size;
+  int32_t dtype;  // of q, the caches and out alike
+  float scale;
+};
+
+constexpr int kMaxHeadsPerItem = 8;  // KV heads one decode item may cover
+
+// One unit of parallel work: query rows [row_begin, row_end) of sequence `seq` (rows counted
+// from the start of that sequence's chunk), all query heads of KV heads [kv_head, kv_head_end).
+// Items with several KV heads are single decode rows: reading all heads of each cached token
+// together streams whole K/V rows, which the memory system serves far better than a 1/heads slice.
+struct WorkItem {
+  int32_t seq, kv_head, kv_head_end, row_begin, row_end;
+};
+
+void attention_tile_avx512(const AttentionArgs& args, const WorkItem& item);
+void attention_tile_avx2(const AttentionArgs& args, const WorkItem& item);
+
+}  // namespace omnibus_cpu

@@ -1,0 +1,14 @@
+"""Names of the worker's compute backends, importable without torch (the CLI offers them)."""
+
+ATTENTION_BACKENDS = ("auto", "cpu", "cuda", "torch")
+LINEAR_BACKENDS = ("auto", "onednn", "torch")
+
+ATTENTION_HELP = (
+    "auto: our C++ kernels on a CPU (the torch reference, with a warning, where they cannot be built), "
+    "the torch reference on a GPU; cpu: the C++ kernels; cuda: our CUDA kernels (opt-in until verified "
+    "on a GPU); torch: the plain torch reference"
+)
+LINEAR_HELP = (
+    "auto: oneDNN with prepacked weights for a float32 model on a CPU, else F.linear; onednn: insist; "
+    "torch: F.linear"
+)
