@@ -75,6 +75,20 @@ def _add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
                         help="how to free KV blocks: auto picks per victim, swap needs the worker's --swap-space-gb")
     parser.add_argument("--scheduling", default="continuous", choices=["continuous", "static"],
                         help="static: admit a new batch only when the running one has finished (a baseline)")
+    parser.add_argument("--scheduling-policy", default="priority", choices=["priority", "sjf", "fcfs"],
+                        help="who runs next: priority (aged priority, then fair share between tenants, then "
+                             "arrival; a waiting request that outranks running ones preempts the lowest when "
+                             "slots or KV blocks are full), sjf (aged priority, then shortest remaining work, "
+                             "aged; preempts like priority), fcfs (arrival only, priorities ignored)")
+    parser.add_argument("--tenant-weights", default=None, metavar="FILE",
+                        help="JSON object tenant -> weight (> 0) for fair share; unlisted tenants weigh 1, "
+                             "\"\" is requests without a tenant")
+    parser.add_argument("--priority-preemption-guard-steps", type=int, default=16,
+                        help="a request preempted for priority runs this many steps after resuming before "
+                             "priority may preempt it again (default: %(default)s)")
+    parser.add_argument("--fair-share-half-life-steps", type=int, default=1000,
+                        help="half-life, in scheduler steps, of the served-token counts fair share compares "
+                             "(default: %(default)s)")
     parser.add_argument("--heartbeat-timeout", type=float, default=15.0, help="seconds without a worker heartbeat before it is declared dead")
     parser.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port on --host (0: off)")
     parser.add_argument("--stall-timeout", type=float, default=60.0,
@@ -87,6 +101,32 @@ def _add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", default=None, help="PEM server certificate (chain): serve gRPC over TLS")
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     parser.add_argument("--tls-client-ca", default=None, help="PEM CA bundle: require client certificates it signed (mTLS)")
+    _add_request_limit_flags(parser)
+
+
+def _add_request_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """Bounds on one request, checked before any costly work (README: Errors over gRPC)."""
+    from scheduler_svc.config import DEFAULT_MAX_REQUEST_BYTES, RequestLimits
+
+    limits = RequestLimits()
+    limit = parser.add_argument_group("request limits (over them: INVALID_ARGUMENT naming the field)")
+    limit.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                       help="largest gRPC request message; gRPC refuses larger ones with RESOURCE_EXHAUSTED "
+                            "(default: %(default)s)")
+    limit.add_argument("--max-input-chars", type=int, default=limits.max_input_chars,
+                       help="characters of a prompt, of all chat messages together, or of a Tokenize input "
+                            "(default: %(default)s)")
+    limit.add_argument("--max-chat-messages", type=int, default=limits.max_chat_messages,
+                       help="messages in one chat request (default: %(default)s)")
+    limit.add_argument("--max-stop-strings", type=int, default=limits.max_stop_strings,
+                       help="stop strings in one request (default: %(default)s)")
+    limit.add_argument("--max-stop-string-chars", type=int, default=limits.max_stop_string_chars,
+                       help="characters of one stop string (default: %(default)s)")
+    limit.add_argument("--max-stop-token-ids", type=int, default=limits.max_stop_token_ids,
+                       help="stop token ids in one request (default: %(default)s)")
+    limit.add_argument("--max-abs-priority", type=int, default=limits.max_abs_priority,
+                       help="clients may ask for priorities in [-N, N], so that aging bounds every wait "
+                            "(default: %(default)s)")
 
 
 def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
@@ -176,6 +216,10 @@ def _serving_options(args: argparse.Namespace, model_dir: Path, **overrides):
         max_queued_requests=args.max_queued_requests,
         enable_chunked_prefill=not args.no_chunked_prefill,
         scheduling=args.scheduling,
+        scheduling_policy=args.scheduling_policy,
+        tenant_weights=_tenant_weights(args),
+        priority_preemption_guard_steps=args.priority_preemption_guard_steps,
+        fair_share_half_life_steps=args.fair_share_half_life_steps,
         enable_prefix_caching=not args.no_prefix_caching,
         priority_aging_s=args.priority_aging_s,
         preemption_mode=args.preemption_mode,
@@ -185,8 +229,36 @@ def _serving_options(args: argparse.Namespace, model_dir: Path, **overrides):
         stall_timeout_s=args.stall_timeout,
         drain_timeout_s=args.drain_timeout,
         drain_delay_s=args.drain_delay,
+        max_request_bytes=args.max_request_bytes,
+        request_limits=_request_limits(args),
         **overrides,
     )
+
+
+def _tenant_weights(args: argparse.Namespace) -> dict[str, float]:
+    from scheduler_svc.fair_share import load_tenant_weights
+
+    if args.tenant_weights is None:
+        return {}
+    try:
+        return load_tenant_weights(Path(args.tenant_weights))
+    except ValueError as error:
+        raise SystemExit(f"omnibus: --tenant-weights: {error}") from None
+
+
+def _request_limits(args: argparse.Namespace):
+    from scheduler_svc.config import RequestLimits
+
+    if args.max_request_bytes < 1:
+        raise SystemExit(f"omnibus: --max-request-bytes must be positive, got {args.max_request_bytes}")
+    try:
+        return RequestLimits(
+            max_input_chars=args.max_input_chars, max_chat_messages=args.max_chat_messages,
+            max_stop_strings=args.max_stop_strings, max_stop_string_chars=args.max_stop_string_chars,
+            max_stop_token_ids=args.max_stop_token_ids, max_abs_priority=args.max_abs_priority,
+        )
+    except ValueError as error:
+        raise SystemExit(f"omnibus: {error}") from None
 
 
 def _run_serve(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from starlette.background import BackgroundTask
 from gateway_svc import streaming, translate
 from gateway_svc.config import GatewayConfig
 from gateway_svc.errors import OpenAIError, from_rpc_error, install_error_handlers
+from gateway_svc.limits import LimitsMiddleware
 from gateway_svc.responses import ChatFormat, CompletionFormat, ResponseFormat
 from gateway_svc.schemas import ChatCompletionRequest, CompletionRequest, GenerateBody
 from gateway_svc.upstream import Upstream, cancel_on_disconnect, collect
@@ -43,6 +44,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
 
     app = FastAPI(title="Omnibus OpenAI-compatible API", lifespan=lifespan)
     install_error_handlers(app, echo_headers)
+    app.add_middleware(LimitsMiddleware, max_body_bytes=config.max_body_bytes,
+                       max_concurrent_requests=config.max_concurrent_requests, headers_of=echo_headers)
     app.include_router(router)
     return app
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gateway_svc.config import GatewayConfig
+from gateway_svc.config import DEFAULT_MAX_BODY_BYTES, GatewayConfig
 
 
 def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +20,10 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds one generation may take (HTTP 504 past it; default: no limit)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM/SIGINT, seconds to let requests in flight finish")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest request body; larger ones get 413 (default: %(default)s)")
+    parser.add_argument("--max-concurrent-requests", type=int, default=1024,
+                        help="generations in flight at once; more get 429 with Retry-After (default: %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -30,7 +34,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         return GatewayConfig(
             target=args.target, host=args.host, port=args.port, tls=args.tls, tls_ca=path(args.tls_ca),
             tls_cert=path(args.tls_cert), tls_key=path(args.tls_key), request_timeout_s=args.request_timeout,
-            graceful_shutdown_s=args.drain_timeout,
+            graceful_shutdown_s=args.drain_timeout, max_body_bytes=args.max_body_bytes,
+            max_concurrent_requests=args.max_concurrent_requests,
         )
     except ValueError as error:
         raise SystemExit(f"omnibus gateway: {error}") from None

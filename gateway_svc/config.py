@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# As the server's default gRPC message limit: a JSON body is no smaller than its GenerateRequest.
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
 @dataclass(slots=True)
 class GatewayConfig:
     target: str = "localhost:50051"  # the Omnibus gRPC server
@@ -18,6 +22,8 @@ class GatewayConfig:
     tls_key: Path | None = None
     request_timeout_s: float | None = None  # gRPC deadline of one generation (HTTP 504 past it)
     graceful_shutdown_s: float = 30.0  # on SIGTERM, how long requests in flight may finish
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies: 413
+    max_concurrent_requests: int = 1024  # generations in flight at once; more: 429 with Retry-After
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -30,6 +36,10 @@ class GatewayConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        for name in ("max_body_bytes", "max_concurrent_requests"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     @property
     def use_tls(self) -> bool:

@@ -6,6 +6,8 @@ contract; `type`, `param` and `code` help a person reading the body.
 
 from __future__ import annotations
 
+import re
+
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +21,9 @@ _RPC_STATUS = {
     grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error"),
 }
+# gRPC's words when a request passes a message-size limit: the server's receive limit, or this
+# channel's send limit. (A response too large for us reads "CLIENT: Received ...".)
+_REQUEST_TOO_LARGE = re.compile(r"^(SERVER: )?Received message larger|^(CLIENT: )?Sent message larger")
 # The server names fields as in the proto; a client wants the OpenAI parameter it sent.
 _PARAM_NAMES = {"prompt_token_ids": "prompt", "request_id": "X-Request-Id"}
 
@@ -48,8 +53,13 @@ class ClientGone(Exception):
 def from_rpc_error(error: grpc.aio.AioRpcError, renames: dict[str, str] | None = None) -> OpenAIError:
     """The OpenAI error for a failed gRPC call. `renames` maps server field names to the
     parameter the client used (chat's `max_completion_tokens` travels as `sampling.max_tokens`)."""
-    status, kind = _RPC_STATUS.get(error.code(), (500, "server_error"))
     message = error.details() or error.code().name
+    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in message:
+        # gRPC's own message-size check shares the full queue's code (429), but no retry can help.
+        if _REQUEST_TOO_LARGE.search(message):
+            return OpenAIError(413, f"the request is too large for the server: {message}", code="request_too_large")
+        return OpenAIError(502, f"the server's answer is too large: {message}", type="server_error")
+    status, kind = _RPC_STATUS.get(error.code(), (500, "server_error"))
     param = None
     if error.code() == grpc.StatusCode.INVALID_ARGUMENT and ": " in message:
         param = _param_name(message.split(": ", 1)[0], renames or {})

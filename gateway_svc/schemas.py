@@ -42,7 +42,7 @@ class GenerateBody(_Body):
     top_p: float | None = None
     seed: int | None = Field(None, ge=0, le=2**64 - 1)
     stop: list[str] = []  # a string or a list of strings
-    user: str | None = None  # OpenAI's end-user id for abuse monitoring: accepted, unused
+    user: str | None = None  # OpenAI's end-user id: sent as the request's tenant (fair share)
 
     top_k: int | None = Field(None, ge=0, le=INT32_MAX)
     ignore_eos: bool = False

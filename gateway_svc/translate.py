@@ -39,6 +39,7 @@ def _request(body: GenerateBody, max_tokens: int | None, request_id: str) -> pb.
         sampling=_sampling(body, max_tokens),
         priority=body.priority,
         cache_salt=body.cache_salt,
+        tenant=body.user or "",  # OpenAI's end-user id: fair share is between users
     )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from omnibus.v1 import generation_pb2 as pb
-from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.config import DEFAULT_MAX_REQUEST_BYTES, RequestLimits, SchedulerConfig
 from scheduler_svc.engine import Engine
 from scheduler_svc.metrics import ServingMetrics
 from scheduler_svc.proto_convert import ModelLimits
@@ -46,6 +46,10 @@ class ServingOptions:
     max_queued_requests: int = 1024
     enable_chunked_prefill: bool = True
     scheduling: str = "continuous"  # or "static" (a baseline: a new batch only once the last is done)
+    scheduling_policy: str = "priority"  # priority | sjf | fcfs (see SchedulerConfig)
+    tenant_weights: dict[str, float] = field(default_factory=dict)  # fair share; unlisted weigh 1
+    priority_preemption_guard_steps: int = 16
+    fair_share_half_life_steps: int = 1000
     enable_prefix_caching: bool = True
     priority_aging_s: float = 10.0  # seconds of waiting worth one priority level
     preemption_mode: str = "auto"  # auto | recompute | swap (see SchedulerConfig)
@@ -58,6 +62,10 @@ class ServingOptions:
     # Lame-duck period at the start of a drain: readiness is NOT_SERVING but new requests are
     # still served, so a load balancer's health check can take us out of rotation first.
     drain_delay_s: float = 0.0
+    # gRPC refuses a larger request (RESOURCE_EXHAUSTED) before parsing it; the per-field bounds
+    # (input characters, messages, stop lists, priority) answer INVALID_ARGUMENT before tokenizing.
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    request_limits: RequestLimits = field(default_factory=RequestLimits)
     extra: dict = field(default_factory=dict)
 
 
@@ -68,10 +76,11 @@ class ServingApp:
         self.options = options
         self.tokenizer = ModelTokenizer(options.model_dir)
         self.metrics = ServingMetrics()
-        self.service = GenerationService(self.tokenizer, options.model_id, self.metrics)
+        self.metrics.known_tenants = frozenset(options.tenant_weights)  # their own queue-time label
+        self.service = GenerationService(self.tokenizer, options.model_id, self.metrics, options.request_limits)
         credentials = None if options.tls is None else server_credentials(options.tls)
         self.server, self.health, self.port = build_server(
-            self.service, f"{options.host}:{options.port}", credentials
+            self.service, f"{options.host}:{options.port}", credentials, options.max_request_bytes
         )
         self.workers = WorkerGroup(options.worker_bind, options.world_size, options.heartbeat_timeout_s)
         self.engine: Engine | None = None
@@ -155,6 +164,7 @@ class ServingApp:
         if self.engine is not None:
             await self.engine.stop()  # fails what is left, so handlers answer before the server stops
         await self.server.stop(grace_s)  # lets handlers send their last message
+        self.service.close()
         await self.workers.shutdown()
         self.metrics.close()
 
@@ -195,6 +205,10 @@ class ServingApp:
             max_queued_requests=self.options.max_queued_requests,
             enable_chunked_prefill=self.options.enable_chunked_prefill,
             scheduling=self.options.scheduling,
+            scheduling_policy=self.options.scheduling_policy,
+            tenant_weights=dict(self.options.tenant_weights),
+            priority_preemption_guard_steps=self.options.priority_preemption_guard_steps,
+            fair_share_half_life_steps=self.options.fair_share_half_life_steps,
             enable_prefix_caching=self.options.enable_prefix_caching,
             priority_aging_s=self.options.priority_aging_s,
             preemption_mode=self.options.preemption_mode,
@@ -209,6 +223,7 @@ class ServingApp:
             vocab_size=first.vocab_size,
             max_model_len=first.max_model_len,
             kv_capacity_tokens=num_kv_blocks * first.block_size,
+            request=self.options.request_limits,
         )
         self.service.attach_engine(self.engine, limits, self._model_info(first, num_kv_blocks, len(hellos)))
         self.engine.start()

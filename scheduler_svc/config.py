@@ -1,8 +1,11 @@
-"""Limits of the iteration-level scheduler, checked once at construction."""
+"""Limits of the iteration-level scheduler and of one request, checked once at construction."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# gRPC refuses a larger request message (RESOURCE_EXHAUSTED) before it is parsed.
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -40,6 +43,17 @@ class SchedulerConfig:
     num_swap_blocks: int = 0  # the worker's CPU swap space (from its WorkerHello)
     kv_bytes_per_block: int = 0  # from the WorkerHello, for the cost rule
     swap_bytes_per_s: float = 0.0  # measured by the worker, for the cost rule
+    # Who is admitted next (request_queue.py): "priority" (aged priority, then fair share between
+    # tenants, then arrival; a waiting request that outranks a running one preempts it when the
+    # sequence cap or the KV pool leaves it no room), "sjf" (aged priority, then shortest remaining
+    # work, aged; preempts like priority) or "fcfs" (arrival only, no priority preemption).
+    scheduling_policy: str = "priority"
+    # The thrash guard: a request preempted for priority runs at least this many steps after it
+    # resumes before priority can preempt it again.
+    priority_preemption_guard_steps: int = 16
+    # Fair share counts a tenant's served tokens with this half-life, in scheduler steps.
+    fair_share_half_life_steps: int = 1000
+    tenant_weights: dict[str, float] = field(default_factory=dict)  # unlisted tenants weigh 1
 
     def __post_init__(self) -> None:
         for name in (
@@ -49,12 +63,19 @@ class SchedulerConfig:
             "max_num_seqs",
             "max_num_batched_tokens",
             "max_queued_requests",
+            "fair_share_half_life_steps",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.scheduling not in ("continuous", "static"):
             raise ValueError(f"scheduling must be 'continuous' or 'static', got {self.scheduling!r}")
+        if self.scheduling_policy not in ("priority", "sjf", "fcfs"):
+            raise ValueError(f"scheduling_policy must be priority, sjf or fcfs, got {self.scheduling_policy!r}")
+        if not isinstance(self.priority_preemption_guard_steps, int) or self.priority_preemption_guard_steps < 0:
+            raise ValueError(
+                f"priority_preemption_guard_steps must be an integer >= 0, got {self.priority_preemption_guard_steps!r}"
+            )
         if self.preemption_mode not in ("auto", "recompute", "swap"):
             raise ValueError(f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")
         if self.num_swap_blocks < 0:
@@ -79,3 +100,27 @@ class SchedulerConfig:
     def watermark_blocks(self) -> int:
         """Blocks an admission must leave free (while other requests are running)."""
         return int(self.watermark * self.num_kv_blocks)
+
+
+@dataclass(slots=True, frozen=True)
+class RequestLimits:
+    """Bounds on what one request may carry (flags of `omnibus serve`), checked before any costly
+    work: the checks read lengths, so refusing an oversized request costs no more than the bounds."""
+
+    max_input_chars: int = 1 << 20  # characters of `prompt`, of all `messages`, or of a Tokenize input
+    max_chat_messages: int = 4096
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    max_stop_token_ids: int = 256
+    # Clients may ask for priorities in [-max_abs_priority, max_abs_priority]: with aging, a
+    # request then waits at most about 2 * max_abs_priority * priority_aging_s behind later work.
+    max_abs_priority: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("max_input_chars", "max_chat_messages", "max_stop_strings", "max_stop_string_chars",
+                     "max_stop_token_ids"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_abs_priority, int) or not 0 <= self.max_abs_priority < 2**31:
+            raise ValueError(f"max_abs_priority must be an integer in [0, 2**31), got {self.max_abs_priority!r}")

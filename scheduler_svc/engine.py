@@ -152,6 +152,7 @@ class Engine:
             arrival_time=time.monotonic(),
             priority=parsed.priority,
             cache_salt=parsed.cache_salt,
+            tenant=parsed.tenant,
         )
         self.scheduler.add_request(request)
         stream = RequestStream(
@@ -227,12 +228,15 @@ class Engine:
             return
         record, now = records[-1], time.monotonic()
         self.metrics.observe_step(record)
+        self.metrics.observe_preemption_causes(self.scheduler.num_preemptions_by_cause)
         for req_id in record.new_req_ids:
             stream = self._streams.get(req_id)
             if stream is not None and stream.first_scheduled_time is None:
                 stream.first_scheduled_time = now
-                stream.num_cached_tokens = self.scheduler.requests[req_id].num_cached_tokens
-                self.metrics.observe_first_scheduled(now - stream.arrival_time, stream.num_prompt_tokens)
+                request = self.scheduler.requests[req_id]
+                stream.num_cached_tokens = request.num_cached_tokens
+                self.metrics.observe_first_scheduled(now - stream.arrival_time, stream.num_prompt_tokens,
+                                                     request.priority, request.tenant)
 
     def _observe_queues(self) -> None:
         scheduler = self.scheduler
@@ -287,7 +291,10 @@ class Engine:
         _log_request(record, stream, error)
 
     def _fail_step(self, plan, message: str) -> None:
+        # The requests this plan swapped out fail with it: their device blocks are already free,
+        # and the copy to swap space may never have been made, so resuming would read garbage.
         req_ids = [r.req_id for r in plan.new_requests] + [r.req_id for r in plan.cached_requests]
+        req_ids += self._swapped_out_by(plan)
         logger.error("step %d failed on a worker; failing its %d requests: %s", plan.step_id, len(req_ids), message)
         self.scheduler.abort_requests(req_ids)
         # Blocks this step was to fill were cached when it was scheduled; their K/V is not there.
@@ -298,6 +305,16 @@ class Engine:
             if stream is not None:
                 self._finish(stream, RequestStatus.FINISHED_ABORTED, now, error=message)
                 stream.push(EngineError(ErrorKind.INTERNAL, f"the worker failed on this request: {message}"))
+
+    def _swapped_out_by(self, plan) -> list[str]:
+        """The requests `plan` swapped out, from the scheduler's record of its step."""
+        if not plan.swap_out:
+            return []
+        record = next((r for r in reversed(self.scheduler.records) if r.step_id == plan.step_id), None)
+        if record is None:  # never expected: the plan was built just now, with its record
+            logger.error("no record of step %d; its swapped-out requests cannot be failed", plan.step_id)
+            return []
+        return list(record.swapped_out_req_ids)
 
     def _die(self, reason: str) -> None:
         self.dead_reason = f"worker failure: {reason}"

@@ -63,6 +63,17 @@ class ServingMetrics:
             "omnibus_prefix_cache_hit_tokens", "Tokens found in the prefix cache at admission.", registry=r)
         self.preemptions = Counter(
             "omnibus_preemptions", "Requests preempted (by recompute or swap) to free KV blocks.", registry=r)
+        self.preemptions_by_cause = Counter(
+            "omnibus_preemptions_by_cause",
+            "Preemptions by cause: memory (the KV pool ran out) or priority (room for a request that "
+            "outranks the victim).", labelnames=["cause"], registry=r)
+        self.class_queue_time = Histogram(
+            "omnibus_request_queue_time_by_class_seconds",
+            "Queue time per priority and tenant; tenants outside --tenant-weights count as \"other\", "
+            "requests without one as \"default\", so the label set stays bounded.",
+            labelnames=["priority", "tenant"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.known_tenants: frozenset[str] = frozenset()  # the tenants with their own label
+        self._seen_preemptions = {"memory": 0, "priority": 0}
         self.swap_outs = Counter(
             "omnibus_swap_outs", "Preemptions that swapped the victim's KV blocks to CPU memory.", registry=r)
         self.prompt_tokens = Counter(
@@ -98,9 +109,23 @@ class ServingMetrics:
         if record.swapped_out_req_ids:
             self.swap_outs.inc(len(record.swapped_out_req_ids))
 
-    def observe_first_scheduled(self, queue_time_s: float, num_prompt_tokens: int) -> None:
+    def observe_first_scheduled(self, queue_time_s: float, num_prompt_tokens: int,
+                                priority: int | None = None, tenant: str | None = None) -> None:
         self.queue_time.observe(queue_time_s)
         self.prompt_tokens.inc(num_prompt_tokens)
+        if priority is not None and tenant is not None:
+            self.class_queue_time.labels(priority=str(priority), tenant=self._tenant_label(tenant)).observe(queue_time_s)
+
+    def observe_preemption_causes(self, counts: dict[str, int]) -> None:
+        """The scheduler's cumulative `num_preemptions_by_cause`; counters advance by what is new."""
+        for cause, count in counts.items():
+            self.preemptions_by_cause.labels(cause=cause).inc(count - self._seen_preemptions.get(cause, 0))
+            self._seen_preemptions[cause] = count
+
+    def _tenant_label(self, tenant: str) -> str:
+        if not tenant:
+            return "default"
+        return tenant if tenant in self.known_tenants else "other"
 
     def observe_tokens(self, num_tokens: int, ttft_s: float | None, itl_s: float | None) -> None:
         """`num_tokens` new tokens of one request; ttft_s for its first, itl_s since its last."""

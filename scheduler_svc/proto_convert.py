@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from omnibus.v1 import generation_pb2 as pb
+from scheduler_svc.config import RequestLimits
 from scheduler_svc.request import RequestStatus, SamplingParams
 from scheduler_svc.tokenizer import ChatTurn, ModelTokenizer
 
@@ -26,14 +27,16 @@ class InvalidArgument(ValueError):
 
 @dataclass(slots=True, frozen=True)
 class ModelLimits:
-    """What a request is checked against: the model's and the KV pool's sizes."""
+    """What a request is checked against: the model's and the KV pool's sizes, and the bounds."""
 
     vocab_size: int
     max_model_len: int
     kv_capacity_tokens: int  # tokens the whole KV pool holds; one request may not need more
+    request: RequestLimits = RequestLimits()
 
 
 MAX_CACHE_SALT_LENGTH = 256
+MAX_TENANT_LENGTH = 256  # tenants are also kept in the fair-share table while active
 
 
 @dataclass(slots=True)
@@ -43,6 +46,7 @@ class ParsedRequest:
     sampling_params: SamplingParams
     priority: int = 0
     cache_salt: str = ""
+    tenant: str = ""  # "" is the shared default tenant
 
 
 @dataclass(slots=True, frozen=True)
@@ -57,12 +61,47 @@ class TokenUsage:
 def parse_generate_request(
     request: pb.GenerateRequest, tokenizer: ModelTokenizer, limits: ModelLimits
 ) -> ParsedRequest:
-    """Validate a GenerateRequest and tokenize its input."""
+    """Validate a GenerateRequest and tokenize its input (slow for long inputs: call it off the
+    event loop). Sizes are checked first, so an oversized request costs nothing to refuse."""
+    check_generate_request(request, limits)
     prompt_token_ids = _prompt_token_ids(request, tokenizer, limits)
     sampling = _sampling_params(request.sampling, len(prompt_token_ids), limits)
+    return ParsedRequest(
+        request.request_id, prompt_token_ids, sampling, request.priority, request.cache_salt, request.tenant
+    )
+
+
+def check_generate_request(request: pb.GenerateRequest, limits: ModelLimits) -> None:
+    """The checks of a GenerateRequest that need no tokenizing: they read lengths, so their cost is
+    bounded by the limits, never by the size of the request."""
+    bounds = limits.request
+    input_field = _input_field(request)
+    if input_field == "prompt":
+        _check_chars("prompt", len(request.prompt), bounds)
+    elif input_field == "messages":
+        _check_messages(request.messages, bounds)
+    elif len(request.prompt_token_ids) >= limits.max_model_len:
+        raise _no_room("prompt_token_ids", len(request.prompt_token_ids), limits)
+    _check_stop_lists(request.sampling, bounds)
+    if abs(request.priority) > bounds.max_abs_priority:
+        raise InvalidArgument(
+            "priority", f"must be in [-{bounds.max_abs_priority}, {bounds.max_abs_priority}], got {request.priority}"
+        )
     if len(request.cache_salt) > MAX_CACHE_SALT_LENGTH:
         raise InvalidArgument("cache_salt", f"at most {MAX_CACHE_SALT_LENGTH} characters, got {len(request.cache_salt)}")
-    return ParsedRequest(request.request_id, prompt_token_ids, sampling, request.priority, request.cache_salt)
+    if len(request.tenant) > MAX_TENANT_LENGTH:
+        raise InvalidArgument("tenant", f"at most {MAX_TENANT_LENGTH} characters, got {len(request.tenant)}")
+
+
+def check_tokenize_request(request: pb.TokenizeRequest, bounds: RequestLimits) -> None:
+    """A TokenizeRequest's input: exactly one of text and messages, within the size bounds."""
+    has_text, has_messages = request.HasField("text"), len(request.messages) > 0
+    if has_text == has_messages:
+        raise InvalidArgument("text", "exactly one of text, messages is required")
+    if has_text:
+        _check_chars("text", len(request.text), bounds)
+    else:
+        _check_messages(request.messages, bounds)
 
 
 def parse_chat_turns(messages) -> list[ChatTurn]:
@@ -74,9 +113,7 @@ def parse_chat_turns(messages) -> list[ChatTurn]:
     return turns
 
 
-def _prompt_token_ids(
-    request: pb.GenerateRequest, tokenizer: ModelTokenizer, limits: ModelLimits
-) -> list[int]:
+def _input_field(request: pb.GenerateRequest) -> str:
     given = [name for name, present in (
         ("prompt", request.HasField("prompt")),
         ("prompt_token_ids", len(request.prompt_token_ids) > 0),
@@ -85,11 +122,51 @@ def _prompt_token_ids(
     if len(given) != 1:
         detail = "none was given" if not given else f"got {' and '.join(given)}"
         raise InvalidArgument("prompt", f"exactly one of prompt, prompt_token_ids, messages is required ({detail})")
-    if given[0] == "prompt":
+    return given[0]
+
+
+def _check_chars(field: str, num_chars: int, bounds: RequestLimits) -> None:
+    if num_chars > bounds.max_input_chars:
+        raise InvalidArgument(field, f"at most {bounds.max_input_chars} characters, got {num_chars}")
+
+
+def _check_messages(messages, bounds: RequestLimits) -> None:
+    # The count first: summing the lengths walks the list.
+    if len(messages) > bounds.max_chat_messages:
+        raise InvalidArgument("messages", f"at most {bounds.max_chat_messages} messages, got {len(messages)}")
+    num_chars = sum(len(m.role) + len(m.content) for m in messages)
+    if num_chars > bounds.max_input_chars:
+        raise InvalidArgument("messages", f"at most {bounds.max_input_chars} characters in all, got {num_chars}")
+
+
+def _check_stop_lists(sampling: pb.SamplingParams, bounds: RequestLimits) -> None:
+    # The engine builds its stop-string automaton from these on the event loop, once per request.
+    num_stop, num_stop_ids = len(sampling.stop), len(sampling.stop_token_ids)
+    if num_stop > bounds.max_stop_strings:
+        raise InvalidArgument("sampling.stop", f"at most {bounds.max_stop_strings} stop strings, got {num_stop}")
+    for index, stop in enumerate(sampling.stop):
+        if len(stop) > bounds.max_stop_string_chars:
+            raise InvalidArgument(f"sampling.stop[{index}]",
+                                  f"at most {bounds.max_stop_string_chars} characters, got {len(stop)}")
+    if num_stop_ids > bounds.max_stop_token_ids:
+        raise InvalidArgument("sampling.stop_token_ids", f"at most {bounds.max_stop_token_ids} token ids, got {num_stop_ids}")
+
+
+def _no_room(field: str, num_tokens: int, limits: ModelLimits) -> InvalidArgument:
+    return InvalidArgument(
+        field, f"{num_tokens} prompt tokens leave no room in the model's context of {limits.max_model_len}"
+    )
+
+
+def _prompt_token_ids(
+    request: pb.GenerateRequest, tokenizer: ModelTokenizer, limits: ModelLimits
+) -> list[int]:
+    field = _input_field(request)
+    if field == "prompt":
         if not request.prompt:
             raise InvalidArgument("prompt", "must not be empty")
         token_ids = tokenizer.encode(request.prompt)
-    elif given[0] == "messages":
+    elif field == "messages":
         try:
             token_ids = tokenizer.encode_chat(parse_chat_turns(request.messages))
         except ValueError as error:
@@ -102,11 +179,9 @@ def _prompt_token_ids(
         if bad is not None:
             raise InvalidArgument("prompt_token_ids", f"token id {bad} is not below the vocabulary size {limits.vocab_size}")
     if not token_ids:
-        raise InvalidArgument(given[0], "encodes to no tokens")
+        raise InvalidArgument(field, "encodes to no tokens")
     if len(token_ids) >= limits.max_model_len:
-        raise InvalidArgument(
-            given[0], f"{len(token_ids)} prompt tokens leave no room in the model's context of {limits.max_model_len}"
-        )
+        raise _no_room(field, len(token_ids), limits)
     return token_ids
 
 
@@ -149,7 +224,8 @@ def _sampling_params(sampling: pb.SamplingParams, num_prompt_tokens: int, limits
         top_k=top_k,
         seed=sampling.seed if sampling.HasField("seed") else None,
         stop=[s for s in sampling.stop if s],
-        stop_token_ids=list(sampling.stop_token_ids),
+        # A set: the scheduler checks every sampled token against it.
+        stop_token_ids=frozenset(sampling.stop_token_ids),
         ignore_eos=sampling.ignore_eos,
     )
 

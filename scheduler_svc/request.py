@@ -35,10 +35,12 @@ class SamplingParams:
     top_k: int = 0  # 0 means no limit
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
+    # A set: the scheduler tests every sampled token against it (O(1) whatever its size).
+    stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        self.stop_token_ids = frozenset(self.stop_token_ids)
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0.0:
@@ -70,10 +72,15 @@ class Request:
     arrival_time: float = 0.0  # seconds on the scheduler's clock; orders requests with priority
     priority: int = 0  # lower runs first; waiting ages it (see request_queue.py)
     cache_salt: str = ""  # prefix-cache blocks are shared only between equal salts
+    tenant: str = ""  # fair share is between tenants (fair_share.py); "" is the shared default
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    # The thrash guard: after being preempted for priority, the request is not preempted for
+    # priority again before this step (set when it resumes; see scheduler.py).
+    priority_guard_until_step: int = 0
+    preempted_for_priority: bool = False  # its last preemption was for priority
     sequence_number: int = 0  # order of add_request: the FCFS tie-break, set by the scheduler
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     # Chained hashes of the request's full blocks so far (see block_hash.py), grown on demand.

@@ -11,33 +11,53 @@ by swap (the worker copies them to its CPU swap space, and back when it resumes)
 it back its place.
 
 Order is `request_queue.scheduling_key`: priority (lower first) aged by waiting time, then
-arrival. Both the waiting queue and the running list are kept in that order, so the running list
-is served in it and its last entry is the preemption victim: the lowest-priority, latest arrival.
-Admission never skips the queue's head (a request that does not fit blocks those behind it), so
-large requests are not starved by small ones.
+arrival (under `scheduling_policy="fcfs"`, arrival alone). Both the waiting queue and the running
+list are kept in that order, so the running list is served in it and its last entry is the memory
+preemption victim: the lowest-priority, latest arrival. Who is admitted next is the policy's
+`RequestQueue.next_request` (fair share between tenants, or shortest job first, within the head's
+priority level); admission never skips that request (one that does not fit blocks those behind
+it), so large requests are not starved by small ones.
+
+Preemptive priorities (policies priority and sjf): before the running requests are served, if the
+request to admit next outranks running ones (a strictly lower priority value, and an earlier aged
+key) and the sequence cap, the token budget or the KV pool leaves it no room this step, the fewest
+lowest-ranked of them that make room are preempted (cause "priority"; recompute or swap by the same
+rule as for memory) and it is admitted in this step. If no such set makes room nobody is preempted;
+if the running requests alone outgrow the pool, the memory preemption comes first (it takes the
+lowest-ranked too) and the newcomer is admitted after that step, as any newcomer is.
+Equal priorities never preempt each other, and a request preempted for priority is protected from
+priority preemption for `priority_preemption_guard_steps` steps after it resumes, so two classes
+cannot thrash. The room is estimated from the blocks the kept requests and the newcomer need this
+step; a victim's block is freed only if no kept request holds it, and the newcomer's prefix-cache
+hit on a block the victims free costs a free block, as `BlockManager.allocate_slots` counts it.
 
 Static scheduling (`SchedulerConfig.scheduling == "static"`, the baseline to compare against)
 changes one decision, who may be admitted: once the previous batch has wholly finished, the first
 `max_num_seqs` waiting requests become the batch, and only its members are admitted (in one step
-if the budget allows, else over the next steps) until every one of them has finished.
+if the budget allows, else over the next steps, in queue order; a later arrival queued before them
+does not block them) until every one of them has finished.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 
 from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.fair_share import TenantUsage
 from scheduler_svc.preemption_cost import PreemptionCost
 from scheduler_svc.protocol import CachedRequest, NewRequest, StepPlan, StepResult
 from scheduler_svc.request import Request, RequestStatus
-from scheduler_svc.request_queue import RequestQueue, scheduling_key
+from scheduler_svc.request_queue import RequestQueue
 from scheduler_svc.step_record import StepRecord
 from scheduler_svc.swap_pool import SwapPool
+
+
+_PRUNE_EVERY_STEPS = 1024  # how often tenants whose usage has decayed away are forgotten
 
 
 class QueueFullError(RuntimeError):
@@ -63,6 +83,10 @@ class _Step:
     cached_requests: list[CachedRequest] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
+    num_memory_preemptions: int = 0
+    # The request that priority preemption made room for: admitted first, whatever the shares
+    # charged since then say.
+    reserved: Request | None = None
 
 
 class Scheduler:
@@ -74,7 +98,10 @@ class Scheduler:
             config.num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
         self.requests: dict[str, Request] = {}  # unfinished requests only
-        self.waiting = RequestQueue(config.priority_aging_s)  # WAITING and PREEMPTED
+        # WAITING, PREEMPTED and SWAPPED, in the policy's order.
+        self.waiting = RequestQueue(config.priority_aging_s, config.scheduling_policy, config.max_model_len)
+        self.tenant_usage = TenantUsage(config.fair_share_half_life_steps, dict(config.tenant_weights))
+        self.num_preemptions_by_cause = {"memory": 0, "priority": 0}  # since start, for metrics
         self.running: list[Request] = []  # RUNNING (they hold blocks), in queue order
         self._num_added = 0
         self.swap_pool = SwapPool(config.num_swap_blocks)
@@ -138,9 +165,10 @@ class Scheduler:
         finished ids it would carry stay pending for the next plan that runs something.
         """
         step = _Step(StepRecord(self._next_step_id), self.config.max_num_batched_tokens)
+        self._preempt_for_priority(step)
         self._schedule_running(step)
-        # After a preemption the pool is short; admitting newcomers would only thrash it.
-        if not step.record.preempted_req_ids:
+        # After a memory preemption the pool is short; admitting newcomers would only thrash it.
+        if not step.num_memory_preemptions:
             self._schedule_waiting(step)
         return self._build_plan(step)
 
@@ -214,8 +242,12 @@ class Scheduler:
                 return None
         return new_block_ids
 
-    def _preempt(self, request: Request, step: _Step) -> None:
+    def _preempt(self, request: Request, step: _Step, cause: str = "memory") -> None:
         self.running.remove(request)
+        self.num_preemptions_by_cause[cause] += 1
+        request.preempted_for_priority = cause == "priority"
+        if cause == "memory":
+            step.num_memory_preemptions += 1
         if self._should_swap(request):
             block_ids = self.block_manager.get_block_ids(request.req_id)
             step.swap_out += zip(block_ids, self.swap_pool.allocate(request.req_id, len(block_ids)))
@@ -239,15 +271,90 @@ class Scheduler:
             return False  # its last token is in a step still running: its result would be lost
         return mode == "swap" or self.preemption_cost.prefers_swap(request.num_computed_tokens, num_blocks)
 
+    def _preempt_for_priority(self, step: _Step) -> None:
+        """Make room in this step for the request to admit next, if it outranks running ones;
+        see the module docstring."""
+        if self.config.scheduling_policy == "fcfs" or self.config.scheduling != "continuous":
+            return
+        head = self._admission_head()
+        if head is None:
+            return
+        victims = self._priority_victims(head, step.record.step_id)
+        for victim in victims:
+            self._preempt(victim, step, "priority")
+        if victims:
+            step.reserved = head
+
+    def _priority_victims(self, head: Request, step_id: int) -> list[Request]:
+        """The fewest lowest-ranked running requests `head` may preempt whose preemption lets it
+        run this step; [] if it needs none or no such set makes room."""
+        eligible = [r for r in reversed(self.running) if self._may_preempt_for(head, r, step_id)]
+        if not eligible or self._growth(self.running)[0] > self.block_manager.num_free_blocks:
+            # The running requests alone outgrow the pool: a memory preemption of the lowest
+            # ranked comes first, and the newcomer waits out that step like everyone else.
+            return []
+        kept, victims = list(self.running), []
+        while not self._fits_with(head, kept, victims):
+            if not eligible:
+                return []
+            victims.append(eligible.pop(0))
+            kept.remove(victims[-1])
+        return victims
+
+    def _may_preempt_for(self, head: Request, victim: Request, step_id: int) -> bool:
+        outranks = head.priority < victim.priority and self._running_key(head) < self._running_key(victim)
+        return outranks and step_id >= victim.priority_guard_until_step
+
+    def _fits_with(self, head: Request, kept: list[Request], victims: list[Request]) -> bool:
+        """Whether `head` could be admitted this step if only `kept` ran (and `victims` had freed
+        their blocks), by the same budget, block and watermark rules as scheduling uses."""
+        if len(kept) >= self.config.max_num_seqs:
+            return False
+        num_needed, budget = self._growth(kept)
+        swapped = head.status == RequestStatus.SWAPPED
+        hits = [] if swapped else self.block_manager.get_computed_blocks(head)
+        num_computed = head.num_computed_tokens + len(hits) * self.config.block_size
+        num_new_tokens = self._num_new_tokens(head, budget, num_computed) if budget > 0 else 0
+        if num_new_tokens == 0:
+            return False
+        num_needed += self.block_manager.num_required_blocks(num_computed + num_new_tokens) - len(hits)
+        freed = self._blocks_freed_by(victims)
+        # A hit on a free block is revived from the free queue, which costs a free block in
+        # allocate_slots; the victims' blocks are free by then, so a hit on one costs one too.
+        num_needed += sum(1 for block in hits if block.ref_cnt == 0 or block.block_id in freed)
+        num_free = self.block_manager.num_free_blocks + len(freed)
+        watermark_blocks = self.config.watermark_blocks if kept else 0
+        return num_free - num_needed >= watermark_blocks
+
+    def _growth(self, running: list[Request]) -> tuple[int, int]:
+        """New blocks `running` take this step, served as `_schedule_running` serves them, and
+        the token budget they leave."""
+        budget, num_blocks = self.config.max_num_batched_tokens, 0
+        for request in running:
+            if budget <= 0:
+                break
+            num_new_tokens = self._num_new_tokens(request, budget)
+            num_blocks += self._num_blocks_to_grow(request, num_new_tokens)
+            budget -= num_new_tokens
+        return num_blocks, budget
+
+    def _num_blocks_to_grow(self, request: Request, num_new_tokens: int) -> int:
+        num_held = len(self.block_manager.get_block_ids(request.req_id))
+        return max(self.block_manager.num_required_blocks(request.num_computed_tokens + num_new_tokens) - num_held, 0)
+
+    def _blocks_freed_by(self, victims: list[Request]) -> set[int]:
+        """Ids of the blocks that preempting `victims` frees: those no other request holds."""
+        holders = Counter(b for v in victims for b in self.block_manager.get_block_ids(v.req_id))
+        blocks = self.block_manager.blocks
+        return {block_id for block_id, n in holders.items() if blocks[block_id].ref_cnt == n}
+
     def _schedule_waiting(self, step: _Step) -> None:
-        while (
-            self.waiting
-            and step.token_budget > 0
-            and len(self.running) < self.config.max_num_seqs
-            and self._may_admit(self.waiting[0])
-        ):
-            if not self._try_admit(self.waiting[0], step):
+        while step.token_budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request, step.reserved = step.reserved or self._admission_head(), None
+            if request is None or not self._try_admit(request, step):
                 break  # nobody overtakes the head of the queue
+            if step.record.preempted_req_ids:
+                break  # priority made room for that one only: a victim must not resume at once
 
     def _try_admit(self, request: Request, step: _Step) -> bool:
         """Admit `request` if its next tokens fit; False if not. A waiting request first takes its
@@ -274,23 +381,33 @@ class Scheduler:
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = min(num_hit_tokens, request.num_prompt_tokens)
         request.num_computed_tokens = num_computed
-        self.waiting.pop_first()
+        self.waiting.remove(request)  # the head, or in static mode the batch's first member waiting
         self._admit(request, num_new_tokens, step)
         return True
 
-    def _may_admit(self, request: Request) -> bool:
-        """The batching policy: continuous admits anyone, static only the current batch."""
+    def _admission_head(self) -> Request | None:
+        """The batching policy, who may be admitted next: continuous, the queue's head; static,
+        the current batch's first member in queue order. A later arrival that sorts before the
+        members (a higher priority) is not one of them and must not block them: the batch would
+        never finish, and nothing would run again."""
+        if not self.waiting:
+            return None
         if self.config.scheduling == "continuous":
-            return True
+            step_id = self._next_step_id
+            return self.waiting.next_request(lambda tenant: self.tenant_usage.share(tenant, step_id))
         if not self._static_batch:
             # Every member has finished (so nothing runs): the next batch is the queue's head.
             head = islice(self.waiting, self.config.max_num_seqs)
             self._static_batch = {r.req_id for r in head}
-        return request.req_id in self._static_batch
+        return next((r for r in self.waiting if r.req_id in self._static_batch), None)
 
     def _admit(self, request: Request, num_new_tokens: int, step: _Step) -> None:
         if request.status in (RequestStatus.PREEMPTED, RequestStatus.SWAPPED):
             step.record.resumed_req_ids.append(request.req_id)
+            if request.preempted_for_priority:
+                guard_steps = self.config.priority_preemption_guard_steps
+                request.priority_guard_until_step = step.record.step_id + guard_steps
+                request.preempted_for_priority = False
         else:
             step.record.new_req_ids.append(request.req_id)
         request.status = RequestStatus.RUNNING
@@ -308,7 +425,7 @@ class Scheduler:
         self._commit(request, num_new_tokens, step)
 
     def _running_key(self, request: Request) -> tuple[float, int]:
-        return scheduling_key(request, self.config.priority_aging_s)
+        return self.waiting.key(request)
 
     def _num_new_tokens(self, request: Request, token_budget: int, num_computed: int | None = None) -> int:
         """Tokens `request` can compute within `token_budget` (0: none this step), counting
@@ -325,6 +442,7 @@ class Scheduler:
         request.num_computed_tokens += num_new_tokens
         step.token_budget -= num_new_tokens
         step.record.num_scheduled_tokens[request.req_id] = num_new_tokens
+        self.tenant_usage.charge(request.tenant, num_new_tokens, step.record.step_id)
 
     def _build_plan(self, step: _Step) -> StepPlan:
         if not step.new_requests and not step.cached_requests:
@@ -339,6 +457,8 @@ class Scheduler:
         record.num_waiting = len(self.waiting)
         record.num_running = len(self.running)
         self.records.append(record)
+        if record.step_id % _PRUNE_EVERY_STEPS == 0:
+            self.tenant_usage.prune(record.step_id, {r.tenant for r in self.requests.values()})
         self._next_step_id += 1
         return StepPlan(record.step_id, step.new_requests, step.cached_requests, finished_req_ids,
                         swap_out=step.swap_out, swap_in=step.swap_in)
@@ -378,6 +498,8 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         # A stop token wins over a length limit reached by the same token: the output is whole.
+        # Both id collections are sets for requests from the API (proto_convert builds a frozenset),
+        # so this costs the same for one stop token id as for the most a request may carry.
         params = request.sampling_params
         if token_id in params.stop_token_ids or (
             not params.ignore_eos and token_id in request.eos_token_ids

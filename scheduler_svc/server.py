@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,9 +17,10 @@ from grpc_reflection.v1alpha import reflection
 from omnibus.v1 import generation_pb2 as pb
 from omnibus.v1 import generation_pb2_grpc as pb_grpc
 from scheduler_svc import proto_convert
+from scheduler_svc.config import DEFAULT_MAX_REQUEST_BYTES, RequestLimits
 from scheduler_svc.engine import Engine, EngineError, ErrorKind, RequestStream
 from scheduler_svc.metrics import ServingMetrics
-from scheduler_svc.proto_convert import InvalidArgument, ModelLimits
+from scheduler_svc.proto_convert import InvalidArgument, ModelLimits, ParsedRequest
 from scheduler_svc.scheduler import QueueFullError
 from scheduler_svc.tokenizer import ModelTokenizer
 
@@ -41,19 +44,31 @@ class _Rejection(Exception):
 
 
 class GenerationService(pb_grpc.GenerationServicer):
-    """Validates requests, hands them to the engine and streams the results back."""
+    """Validates requests, hands them to the engine and streams the results back.
 
-    def __init__(self, tokenizer: ModelTokenizer, model_id: str, metrics: ServingMetrics | None = None):
+    Tokenizing and chat rendering run on a thread pool, never on the event loop that every stream
+    shares; what can be refused by its size alone is refused before that.
+    """
+
+    def __init__(self, tokenizer: ModelTokenizer, model_id: str, metrics: ServingMetrics | None = None,
+                 request_limits: RequestLimits | None = None):
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.metrics = metrics if metrics is not None else ServingMetrics()
+        self.request_limits = request_limits if request_limits is not None else RequestLimits()
         self.engine: Engine | None = None  # set once the workers have registered
         self.limits: ModelLimits | None = None
         self.model_info = pb.ModelInfo(model_id=model_id)
         self.draining = False
+        # tokenizers releases the GIL while it encodes, so these threads leave the loop free.
+        self._tokenize_pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="tokenize")
 
     def attach_engine(self, engine: Engine, limits: ModelLimits, model_info: pb.ModelInfo) -> None:
         self.engine, self.limits, self.model_info = engine, limits, model_info
+
+    def close(self) -> None:
+        """Stop the tokenizing threads (after the gRPC server has stopped)."""
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         """Stream one generation; every call ends counted in the outcome metric by status code."""
@@ -78,8 +93,10 @@ class GenerationService(pb_grpc.GenerationServicer):
             self.metrics.count_outcome(code.name)
 
     async def _generate(self, request: pb.GenerateRequest, request_id: str):
-        engine = self._ready_engine_or_reject()
-        stream = self._add_request(engine, request, request_id)
+        self._ready_engine_or_reject()  # the limits to parse against come with the engine
+        parsed = await self._parse(request, request_id)
+        engine = self._ready_engine_or_reject()  # again: a drain or a death may have begun meanwhile
+        stream = self._add_request(engine, parsed)
         try:
             async for event in stream.events():
                 yield proto_convert.generate_response(
@@ -91,15 +108,20 @@ class GenerationService(pb_grpc.GenerationServicer):
             if not stream.finished:  # client cancelled, deadline passed, or the engine failed
                 engine.abort(stream.req_id)
 
-    def _add_request(self, engine: Engine, request: pb.GenerateRequest, request_id: str) -> RequestStream:
+    async def _parse(self, request: pb.GenerateRequest, request_id: str) -> ParsedRequest:
         if not _is_valid_request_id(request_id):
             raise _Rejection(grpc.StatusCode.INVALID_ARGUMENT,
                              f"request_id: must be printable ASCII of at most {MAX_REQUEST_ID_CHARS} characters")
         try:
-            parsed = proto_convert.parse_generate_request(request, self.tokenizer, self.limits)
-            return engine.add_request(dataclasses.replace(parsed, client_request_id=request_id))
+            proto_convert.check_generate_request(request, self.limits)
+            parsed = await self._off_loop(proto_convert.parse_generate_request, request, self.tokenizer, self.limits)
         except InvalidArgument as error:
             raise _Rejection(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        return dataclasses.replace(parsed, client_request_id=request_id)
+
+    def _add_request(self, engine: Engine, parsed: ParsedRequest) -> RequestStream:
+        try:
+            return engine.add_request(parsed)
         except QueueFullError as error:
             raise _Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request queue is full: {error}") from None
         except EngineError as error:
@@ -107,7 +129,8 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext):
         try:
-            token_ids = self._tokenize(request)
+            proto_convert.check_tokenize_request(request, self.request_limits)
+            token_ids = await self._off_loop(self._tokenize, request)
         except InvalidArgument as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return pb.TokenizeResponse(token_ids=token_ids, count=len(token_ids))
@@ -117,17 +140,19 @@ class GenerationService(pb_grpc.GenerationServicer):
         return self.model_info
 
     def _tokenize(self, request: pb.TokenizeRequest) -> list[int]:
-        has_text, has_messages = request.HasField("text"), len(request.messages) > 0
-        if has_text == has_messages:
-            raise InvalidArgument("text", "exactly one of text, messages is required")
-        if has_text:
-            return self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        if request.HasField("text"):
+            # Unset means what Generate does with a prompt: special tokens added (a BOS, say).
+            add_special_tokens = not request.HasField("add_special_tokens") or request.add_special_tokens
+            return self.tokenizer.encode(request.text, add_special_tokens=add_special_tokens)
         try:
             return self.tokenizer.encode_chat(proto_convert.parse_chat_turns(request.messages))
         except InvalidArgument:
             raise
         except ValueError as error:
             raise InvalidArgument("messages", str(error)) from None
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     async def _ready_engine(self, context: grpc.aio.ServicerContext) -> Engine:
         try:
@@ -178,11 +203,13 @@ def build_server(
     service: GenerationService,
     address: str,
     credentials: grpc.ServerCredentials | None = None,
-    max_message_bytes: int = 64 * 1024 * 1024,
+    max_message_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> tuple[grpc.aio.Server, HealthReporter, int]:
     """A grpc.aio server with the Generation, health and reflection services; returns the bound port.
 
-    With `credentials` the port speaks TLS only (plain-text clients fail the handshake).
+    With `credentials` the port speaks TLS only (plain-text clients fail the handshake). gRPC
+    itself refuses a request over `max_message_bytes` (RESOURCE_EXHAUSTED, "Received message
+    larger than max"), before it is parsed on the event loop.
     """
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),

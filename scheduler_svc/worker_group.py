@@ -8,6 +8,10 @@ fails at once with `WorkerDiedError` instead of hanging.
 A worker that heartbeats without having registered here belongs to a previous incarnation of
 this scheduler (it crashed and restarted on the same address): it is asked to `Reregister`, so
 a separately started worker rejoins a restarted scheduler without being restarted itself.
+
+Anyone who can reach the socket can send it anything: a frame that is malformed, undecodable, or
+a result or error that no registered worker sent is logged, counted (`num_dropped_frames`) and
+dropped. Only a registered worker's exit or silence is the group's death.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ class WorkerStepError(RuntimeError):
 
 class WorkerRegistrationError(RuntimeError):
     """Workers did not register in time, or disagree about the model or the protocol."""
+
+
+class _DroppedFrame(ValueError):
+    """A message the group ignores (malformed, or not from a registered worker)."""
 
 
 @dataclass(slots=True)
@@ -75,6 +83,7 @@ class WorkerGroup:
         self._tasks: list[asyncio.Task] = []
         self._asked_to_register: dict[int, float] = {}  # rank -> when we last asked
         self.dead_reason: str | None = None
+        self.num_dropped_frames = 0  # malformed or unexpected messages, logged and ignored
 
     @property
     def hellos(self) -> list[WorkerHello]:
@@ -140,15 +149,33 @@ class WorkerGroup:
 
     async def _receive_loop(self) -> None:
         while True:
-            identity, frame = await self._socket.recv_multipart()
+            frames = await self._socket.recv_multipart()
             try:
-                message = protocol.decode_for_scheduler(frame)
-            except Exception as error:  # a malformed frame must not stop the scheduler
-                logger.error("dropping undecodable frame from %r: %s", identity, error)
+                identity, message = self._decode(frames)
+                self._handle(identity, message)
+            except _DroppedFrame as error:
+                self._drop(frames, str(error))
                 continue
-            self._handle(identity, message)
+            except Exception as error:  # a bug handling one message must not stop the scheduler
+                logger.exception("error handling a message from %r", frames[0])
+                self._drop(frames, repr(error))
+                continue
             if isinstance(message, Heartbeat) and message.rank not in self._workers:
                 await self._ask_to_register(message.rank)
+
+    def _decode(self, frames: list[bytes]) -> tuple[bytes, object]:
+        # A worker's DEALER sends one frame; the ROUTER puts the sender's identity before it.
+        if len(frames) != 2:
+            raise _DroppedFrame(f"{len(frames) - 1} frames instead of one")
+        identity, frame = frames
+        try:
+            return identity, protocol.decode_for_scheduler(frame)
+        except Exception as error:
+            raise _DroppedFrame(f"undecodable: {error}") from None
+
+    def _drop(self, frames: list[bytes], reason: str) -> None:
+        self.num_dropped_frames += 1
+        logger.error("dropping a message from %r (%d dropped so far): %s", frames[0], self.num_dropped_frames, reason)
 
     async def _ask_to_register(self, rank: int) -> None:
         now = time.monotonic()
@@ -171,11 +198,21 @@ class WorkerGroup:
         elif isinstance(message, WorkerHello):
             self._register(identity, message, now)
         elif isinstance(message, StepResult):
+            self._check_sender(identity, message.rank)
             self._heartbeats[message.rank] = now
             self._collect(message)
         elif isinstance(message, WorkerError):
+            self._check_sender(identity, message.rank)
             self._heartbeats[message.rank] = now
-            self._fail_pending(message.step_id, WorkerStepError(f"worker {message.rank}: {message.message}"))
+            # A negative step id: the worker could not even decode what we sent. Only one plan is
+            # in flight at a time, so it is the pending one, which would otherwise never resolve.
+            step_id = None if message.step_id < 0 else message.step_id
+            self._fail_pending(step_id, WorkerStepError(f"worker {message.rank}: {message.message}"))
+
+    def _check_sender(self, identity: bytes, rank: int) -> None:
+        worker = self._workers.get(rank)
+        if worker is None or worker.identity != identity:
+            raise _DroppedFrame(f"a reply claiming rank {rank} from {identity!r}, not that rank's registered worker")
 
     def _register(self, identity: bytes, hello: WorkerHello, now: float) -> None:
         known = self._workers.get(hello.rank)
