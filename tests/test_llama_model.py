@@ -113,7 +113,9 @@ def test_chunked_prefill_then_batched_decode_matches_hf(
         ours = torch.cat(collected[name])
         expected = hf_logits(hf_default_model, tokens)[: ours.shape[0]]
         assert ours.shape[0] == len(tokens) - 1
-        assert (ours - expected).abs().max() < 1e-3, name
+        # Logits reach ~30: an absolute 1e-3 alone failed float32 rounding on random-token
+        # prompts (seed 2039218079: 1.7e-3), with the reference kernels as before.
+        torch.testing.assert_close(ours, expected, atol=1e-3, rtol=1e-4, msg=name)
 
 
 # Tiny random configs covering the supported layouts: Qwen2 q/k/v biases, untied heads, Llama
@@ -270,15 +272,56 @@ def test_model_fingerprint(model_dir, tmp_path):
     assert model_store.model_fingerprint(other, "auto") != fp
 
 
+def gguf_weights_by_hand(gguf_path: Path, num_heads: int, num_kv_heads: int) -> dict[str, torch.Tensor]:
+    """Hugging Face-named float32 weights read straight from a llama GGUF with the `gguf` package:
+    llama.cpp's tensor names mapped by hand, and its rotary permutation of q/k rows undone (its
+    convert script interleaves the two halves of each head's rows)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    layer_names = {
+        "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+        "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
+    weights = {}
+    for tensor in GGUFReader(gguf_path).tensors:
+        array = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).float()
+        if tensor.name == "token_embd.weight":
+            name = "model.embed_tokens.weight"
+        elif tensor.name == "output_norm.weight":
+            name = "model.norm.weight"
+        elif tensor.name == "output.weight":
+            name = "lm_head.weight"
+        else:
+            _, layer, kind, _ = tensor.name.split(".")
+            name = f"model.layers.{layer}.{layer_names[kind]}.weight"
+            heads = {"attn_q": num_heads, "attn_k": num_kv_heads}.get(kind)
+            if heads is not None:
+                rows, cols = array.shape
+                array = array.reshape(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+        weights[name] = array
+    return weights
+
+
 @pytest.mark.model
-def test_cached_load_is_fast_and_identical(model_dir, default_model):
+def test_cached_load_is_fast_and_identical(model_dir):
     start = time.perf_counter()
     model = model_store.load_model(model_dir, torch.device("cpu"), torch.float32)
     elapsed = time.perf_counter() - start
     print(f"cached load_model: {elapsed:.2f}s")
     assert elapsed < 15  # about 0.5 s on an idle machine; generous for a busy CI box
-    for (name, a), b in zip(model.named_parameters(), default_model.parameters()):
-        assert torch.equal(a, b), name
+    # The reference: the GGUF the cache was built from, dequantized afresh without transformers.
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    reference = LlamaForCausalLM(config)
+    reference.load_weights(gguf_weights_by_hand(
+        model_store.default_gguf_path(), config.num_attention_heads, config.num_key_value_heads
+    ).items())
+    parameters = dict(reference.named_parameters())
+    assert parameters.keys() == dict(model.named_parameters()).keys()
+    for name, param in model.named_parameters():
+        assert torch.equal(param, parameters[name]), name
 
 
 @pytest.mark.model

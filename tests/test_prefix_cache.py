@@ -7,7 +7,14 @@ test below also checks outputs against the uncontended reference.
 
 from __future__ import annotations
 
-from scheduler_svc.block_hash import extend_block_hashes, hash_block, salt_root
+import hashlib
+import sys
+
+import pytest
+
+from scheduler_svc import block_hash
+from scheduler_svc.block_hash import extend_block_hashes
+from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.request import Request, SamplingParams
 from tests.test_scheduler import NO_EOS, Harness, make_request, reference_output
 
@@ -74,6 +81,20 @@ def test_requests_admitted_in_the_same_step_share_blocks_cached_by_that_step():
         ("a", 0, 10, [0, 1, 2]),
         ("b", 8, 2, [0, 1, 3]),  # the worker writes a step's K/V before any attention reads it
     ]
+    run_to_completion(h)
+    assert_reference_outputs(a, b)
+
+
+def test_a_newcomer_hits_a_block_a_running_request_fills_in_the_same_step():
+    h = Harness(num_kv_blocks=10, max_num_batched_tokens=10)
+    prompt = list(range(100, 114))
+    a, b = request("a", prompt), request("b", prompt[:12] + [7, 8])
+    h.add(a)
+    assert h.step_tokens() == {"a": 10}  # blocks 0 and 1 full, block 2 half
+    h.add(b)
+    plan, _ = h.step()  # a fills block 2; b hits blocks 0-2 and samples in this same step
+    [new_b] = plan.new_requests
+    assert (new_b.num_computed_tokens, new_b.num_new_tokens, new_b.block_ids[:3]) == (12, 2, [0, 1, 2])
     run_to_completion(h)
     assert_reference_outputs(a, b)
 
@@ -154,16 +175,70 @@ def test_reset_forgets_only_blocks_no_request_holds():
     assert bm.num_cached_blocks == 2
 
 
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def test_block_hashes_follow_the_documented_construction(monkeypatch):
+    """block_hash.py's rule written out by hand: the root is SHA-256 of the process root and the
+    UTF-8 salt; block i's hash is SHA-256 of block i-1's hash then its token ids, each as a 4-byte
+    unsigned integer in the machine's byte order (little-endian here)."""
+    if sys.byteorder != "little":
+        pytest.skip("the hand-written token bytes below are little-endian")
+    process_root = bytes(range(16))
+    monkeypatch.setattr(block_hash, "_PROCESS_ROOT", process_root)
+    tokens = [1, 2, 3, 258, 49151, 0, 7, 2**32 - 1, 5, 6]  # two full blocks and a tail
+    root = sha256(process_root + b"tenant-\xc3\xa9")  # "tenant-é" in UTF-8
+    first = sha256(root + bytes.fromhex("01000000" "02000000" "03000000" "02010000"))
+    second = sha256(first + bytes.fromhex("ffbf0000" "00000000" "07000000" "ffffffff"))
+    assert block_hash.salt_root("tenant-é") == root
+    hashes: list[bytes] = []
+    block_hash.extend_block_hashes(hashes, tokens, 4, "tenant-é", 1)
+    assert hashes == [first]
+    block_hash.extend_block_hashes(hashes, tokens, 4, "tenant-é", 2)  # grows incrementally
+    assert hashes == [first, second]
+    block_hash.extend_block_hashes(hashes, tokens, 4, "tenant-é", 2)  # already covered
+    assert hashes == [first, second]
+
+
+def test_a_prompt_differing_at_one_position_shares_only_the_blocks_before_it():
+    """Changing any single token of a prompt keeps the blocks before its block and no other."""
+    cached = list(range(100, 112)) + [7]  # three full blocks and one token
+    bm = BlockManager(num_blocks=10, block_size=4)
+    bm.allocate_slots(request("cached", cached), len(cached))
+    assert bm.get_block_ids("cached") == [0, 1, 2, 3] and bm.num_cached_blocks == 3
+    for position in range(12):
+        prompt = list(cached)
+        prompt[position] = 99
+        other = request(f"differs-at-{position}", prompt)
+        hits = bm.get_computed_blocks(other)
+        assert [block.block_id for block in hits] == [0, 1, 2][: position // 4], position
+    same = bm.get_computed_blocks(request("same", cached))
+    assert [block.block_id for block in same] == [0, 1, 2]
+
+
+def test_a_prompt_differing_inside_a_cached_block_computes_that_block_itself():
+    h = Harness(num_kv_blocks=10)
+    a = request("a", [1, 2, 3, 4, 5, 6], max_tokens=4)
+    h.add(a)
+    h.step()
+    b = request("b", [1, 2, 3, 99, 5, 6])  # differs from a only in the last token of block 0
+    h.add(b)
+    plan, _ = h.step()
+    [new_b] = plan.new_requests
+    assert (new_b.num_computed_tokens, new_b.block_ids) == (0, [2, 3])
+    assert b.num_cached_tokens == 0
+    run_to_completion(h)
+    assert_reference_outputs(a, b)
+
+
 def test_chained_hashes_name_the_whole_prefix():
     tokens = list(range(12))
     hashes: list[bytes] = []
-    extend_block_hashes(hashes, tokens, 4, "", 2)
-    extend_block_hashes(hashes, tokens, 4, "", 3)  # grows incrementally
-    assert hashes[0] == hash_block(salt_root(""), tokens[0:4])
-    assert hashes[2] == hash_block(hash_block(hashes[0], tokens[4:8]), tokens[8:12])
+    extend_block_hashes(hashes, tokens, 4, "", 3)
     other: list[bytes] = []
     extend_block_hashes(other, [99] + tokens[1:], 4, "", 3)
-    assert other[1] != hashes[1]  # same tokens in block 1, different prefix
+    assert other[1] != hashes[1] and other[2] != hashes[2]  # same tokens there, other prefix
     salted: list[bytes] = []
     extend_block_hashes(salted, tokens, 4, "tenant", 1)
     assert salted[0] != hashes[0]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from scheduler_svc.protocol import SamplingOptions
-from worker_svc.sampler import Sampler, apply_top_k_top_p, derive_seed
+from worker_svc import sampler as sampler_module
+from worker_svc.sampler import Sampler, SamplingTensors, apply_top_k_top_p, derive_seed
 
 GREEDY = SamplingOptions()
 
@@ -38,16 +39,176 @@ def _naive_allowed(row: torch.Tensor, opts: SamplingOptions) -> set[int]:
     return allowed
 
 
-def test_top_p_beyond_the_candidate_window_is_exact() -> None:
+def _kept(row: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(row > float("-inf")).flatten().tolist())
+
+
+def _record_full_sorts(monkeypatch) -> list[int | None]:
+    """The fallbacks of `apply_top_k_top_p` to a full sort (it calls itself with None)."""
+    calls: list[int | None] = []
+    original = sampler_module.apply_top_k_top_p
+
+    def recording(logits, top_k, top_p, num_candidates=None):
+        calls.append(num_candidates)
+        return original(logits, top_k, top_p, num_candidates)
+
+    monkeypatch.setattr(sampler_module, "apply_top_k_top_p", recording)
+    return calls
+
+
+def test_top_p_beyond_the_candidate_window_is_exact(monkeypatch) -> None:
     # Over 1024 tokens: a peaked row's nucleus fits the candidate window, a flat row's does not.
     logits = torch.cat([_logits(1, 3000, seed=12, scale=4.0), _logits(1, 3000, seed=13, scale=0.3)])
     opts = [SamplingOptions(temperature=1.0, top_p=0.9), SamplingOptions(temperature=1.0, top_p=0.8)]
     allowed = [_naive_allowed(row, o) for row, o in zip(logits, opts)]
     assert len(allowed[0]) < 1024 < len(allowed[1])
+    params = SamplingTensors.build(opts, 3000, torch.device("cpu"))
+    assert params.num_candidates == 1024
+    full_sorts = _record_full_sorts(monkeypatch)
+    peaked = apply_top_k_top_p(logits[:1], params.top_k[:1], params.top_p[:1], params.num_candidates)
+    assert full_sorts == [] and _kept(peaked[0]) == allowed[0]
+    both = apply_top_k_top_p(logits, params.top_k, params.top_p, params.num_candidates)
+    assert full_sorts == [None]  # the flat row's nucleus spills past the window
+    assert [_kept(row) for row in both] == allowed
+    window = set(logits[1].topk(1024).indices.tolist())
     sampler = Sampler("cpu", seed=14)
-    for _ in range(50):
-        tokens = sampler.sample(logits, opts, [0, 0]).tolist()
-        assert tokens[0] in allowed[0] and tokens[1] in allowed[1]
+    drawn = [sampler.sample(logits, opts, [0, 0]).tolist() for _ in range(50)]
+    assert all(t0 in allowed[0] and t1 in allowed[1] for t0, t1 in drawn)
+    assert any(t1 not in window for _, t1 in drawn), "the flat row never left the window"
+
+
+def test_top_k_past_the_candidates_measures_top_p_over_its_whole_top_k_set(monkeypatch) -> None:
+    # Worked by hand: probabilities 0.445, 0.445, 0.02, 0.02, 0.01, 0.01, 0.01, then 0.04 over
+    # 57 tokens. The top-7 set holds 0.96, of which the first two tokens hold 0.89 / 0.96 = 0.927:
+    # with top_p 0.9 they are the nucleus. (Over the whole row they hold 0.89 < 0.9, and a third
+    # token would wrongly be kept.)
+    probs = torch.tensor([0.445, 0.445, 0.02, 0.02, 0.01, 0.01, 0.01] + [0.04 / 57] * 57)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    logits = torch.empty(1, 64)
+    logits[0, order] = probs.log()
+    full_sorts = _record_full_sorts(monkeypatch)
+    for num_candidates in (None, 4, 6, 7, 64):
+        masked = apply_top_k_top_p(logits, torch.tensor([7]), torch.tensor([0.9]), num_candidates)
+        assert _kept(masked[0]) == set(order[:2].tolist()), num_candidates
+        assert torch.equal(masked[0, order[:2]], logits[0, order[:2]])
+    assert full_sorts == [None, None]  # 4 and 6 candidates do not hold the top-7 set
+
+
+def test_rows_inside_the_candidates_are_exact_without_a_full_sort(monkeypatch) -> None:
+    vocab, num_candidates = 64, 8
+    opts = [SamplingOptions(temperature=1.0, top_k=k, top_p=p)
+            for k in (1, 3, 7, 8) for p in (1.0, 0.9, 0.5, 0.2)]
+    logits = _logits(len(opts), vocab, seed=15, scale=2.0)
+    # Top-p alone on peaked rows, whose 8 largest tokens hold more than 0.99 of the mass.
+    opts += [SamplingOptions(temperature=1.0, top_p=p) for p in (0.99, 0.9, 0.5)]
+    logits = torch.cat([logits, _logits(3, vocab, seed=16, scale=6.0)])
+    opts.append(SamplingOptions(temperature=1.0))  # unrestricted: returned as it is
+    logits = torch.cat([logits, _logits(1, vocab, seed=17)])
+    full_sorts = _record_full_sorts(monkeypatch)
+    masked = apply_top_k_top_p(
+        logits,
+        torch.tensor([o.top_k or vocab for o in opts]),
+        torch.tensor([o.top_p for o in opts]),
+        num_candidates,
+    )
+    assert full_sorts == []
+    for row, o in enumerate(opts):
+        assert _kept(masked[row]) == _naive_allowed(logits[row], o), (row, o)
+        assert torch.equal(masked[row][list(_kept(masked[row]))], logits[row][list(_kept(masked[row]))])
+
+
+def test_sampler_ranks_at_least_every_top_k(monkeypatch) -> None:
+    def num_candidates(*opts: SamplingOptions) -> int | None:
+        return SamplingTensors.build(list(opts), 5000, torch.device("cpu")).num_candidates
+
+    assert num_candidates(GREEDY, SamplingOptions(temperature=1.0)) is None  # nothing to mask
+    assert num_candidates(SamplingOptions(temperature=1.0, top_k=5)) == 5
+    assert num_candidates(SamplingOptions(temperature=1.0, top_p=0.5)) == 1024
+    assert num_candidates(SamplingOptions(temperature=1.0, top_k=5),
+                          SamplingOptions(temperature=1.0, top_k=2000, top_p=0.9)) == 2000
+    assert num_candidates(SamplingOptions(top_k=5), SamplingOptions(temperature=1.0)) is None  # greedy
+    assert num_candidates(SamplingOptions(temperature=1.0, top_k=5000)) is None  # the whole vocab
+    calls = _record_full_sorts(monkeypatch)
+    Sampler("cpu", seed=0).sample(_logits(2, 5000), [SamplingOptions(temperature=1.0, top_k=5)] * 2, [0, 0])
+    assert calls == [5]  # the sampler ranks 5 candidates, never the whole vocabulary
+
+
+def test_sampling_tensors_hold_each_rows_options() -> None:
+    opts = [
+        GREEDY,
+        SamplingOptions(temperature=0.5, top_k=7, top_p=0.25),
+        SamplingOptions(temperature=2.0, top_k=100, top_p=1.5),  # top-k past the vocab; top-p clamped
+        SamplingOptions(temperature=1e-6, top_k=3, top_p=-0.5),  # below 1e-5: greedy
+    ]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the tensors' dtypes must not follow the default
+    try:
+        params = SamplingTensors.build(opts, 50, torch.device("meta"))  # nor the host's device
+    finally:
+        torch.set_default_dtype(previous)
+    tensors = (params.temperature, params.top_k, params.top_p, params.greedy)
+    assert [t.device.type for t in tensors] == ["meta"] * 4
+    assert [t.dtype for t in tensors] == [torch.float32, torch.int64, torch.float32, torch.bool]
+    params = SamplingTensors.build(opts, 50, torch.device("cpu"))
+    assert params.temperature.tolist() == [1.0, 0.5, 2.0, 1.0]  # greedy rows never divide
+    assert params.top_k.tolist() == [50, 7, 50, 3]
+    assert params.top_p.tolist() == [1.0, 0.25, 1.0, 0.0]
+    assert params.greedy.tolist() == [True, False, False, True] and params.any_greedy
+    assert params.num_candidates == 7
+    assert not SamplingTensors.build(opts[1:3], 50, torch.device("cpu")).any_greedy
+
+
+def test_the_greedy_threshold_is_below_1e_5() -> None:
+    # Two tied best tokens: a sampled row picks either, by its own seed; a greedy row the first.
+    logits = torch.tensor([[3.0, 3.0] + [0.0] * 30] * 64)
+    opts = [SamplingOptions(temperature=1e-5, seed=i) for i in range(64)]
+    first = Sampler("cpu", seed=1).sample(logits, opts, [0] * 64)
+    second = Sampler("cpu", seed=2).sample(logits, opts, [0] * 64)
+    assert torch.equal(first, second)  # seeded rows: their own noise, not the sampler's
+    assert set(first.tolist()) == {0, 1}  # sampled, not greedy
+    assert set(Sampler("cpu", seed=1).sample(logits, [SamplingOptions(temperature=9e-6)] * 64,
+                                             [0] * 64).tolist()) == {0}
+
+
+def test_top_p_drops_a_token_whose_preceding_mass_reaches_it_exactly() -> None:
+    # Uniform over 8 tokens: the first four hold exactly 0.5, so top_p 0.5 keeps those four.
+    for vocab, num_candidates in ((8, None), (16, 8)):
+        masked = apply_top_k_top_p(torch.zeros(1, vocab), torch.tensor([vocab]), torch.tensor([0.5]),
+                                   num_candidates)
+        assert len(_kept(masked[0])) == vocab // 2
+
+
+def test_splitmix64_matches_its_published_output() -> None:
+    # Vigna's splitmix64.c seeded with 1234567: its first five outputs. Our _splitmix64(x) is one
+    # step from state x (the state is advanced by the golden gamma before mixing).
+    gamma = 0x9E3779B97F4A7C15
+    outputs = [sampler_module._splitmix64((1234567 + i * gamma) % 2**64) for i in range(5)]
+    assert outputs == [6457827717110365317, 3203168211198807973, 9817491932198370423,
+                       4593380528125082431, 16408922859458223821]
+
+
+def _splitmix64_step(state: int) -> int:
+    """splitmix64.c's next(), written out from the reference (checked by the test above)."""
+    z = (state + 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
+def test_derive_seed_mixes_seed_then_position_below_2_63() -> None:
+    for seed, position in ((0, 0), (1234, 17), (2**64 + 5, 3), (-1, 2**40)):
+        mixed = _splitmix64_step(_splitmix64_step(seed % 2**64) ^ position)
+        assert derive_seed(seed, position) == mixed >> 1 < 2**63, (seed, position)
+
+
+def test_a_seeded_sampler_repeats_itself_and_seeded_rows_leave_it_untouched() -> None:
+    logits = _logits(16, 500, seed=18, scale=0.3)
+    unseeded = [SamplingOptions(temperature=1.0)] * 16
+    seeded = [SamplingOptions(temperature=1.0, seed=i) for i in range(16)]
+    plain = Sampler("cpu", seed=3).sample(logits, unseeded, [0] * 16)
+    sampler = Sampler("cpu", seed=3)
+    sampler.sample(logits, seeded, [0] * 16)  # draws only from the rows' own generators
+    assert torch.equal(sampler.sample(logits, unseeded, [0] * 16), plain)
 
 
 def test_greedy_rows_equal_argmax_even_in_mixed_batch() -> None:
@@ -183,3 +344,9 @@ def test_unseeded_sampler_generators_differ_between_instances() -> None:
 def test_empty_batch() -> None:
     tokens = Sampler("cpu", seed=0).sample(torch.empty(0, 10), [], [])
     assert tokens.shape == (0,) and tokens.dtype == torch.int64
+
+
+def test_an_unseeded_sampler_seeds_itself_with_63_random_bits(monkeypatch) -> None:
+    # torch.Generator.manual_seed rejects seeds of 2**63 and above on some builds.
+    monkeypatch.setattr(sampler_module.os, "urandom", lambda n: b"\xff" * n)
+    assert Sampler("cpu").generator.initial_seed() == 2**63 - 1

@@ -64,7 +64,8 @@ class FakeWorker:
         return self._run(plan.step_id, scheduled)
 
     def _run(self, step_id: int, scheduled: list[tuple[str, int]]) -> StepResult:
-        req_ids, token_ids = [], []
+        # As a real worker does (docs/CONTRACTS.md), every token's K/V is written before anything
+        # reads: a newcomer may hit a block that a running request fills in the same step.
         for req_id, num_new_tokens in scheduled:
             assert num_new_tokens >= 1
             num_computed = self.num_computed_tokens[req_id] + num_new_tokens
@@ -74,6 +75,9 @@ class FakeWorker:
             assert len(self.block_tables[req_id]) * self.block_size >= num_computed
             for position in range(num_computed - num_new_tokens, num_computed):
                 self.kv_slots[self._slot(req_id, position)] = tokens[position]
+        req_ids, token_ids = [], []
+        for req_id, _ in scheduled:
+            tokens, num_computed = self.token_ids[req_id], self.num_computed_tokens[req_id]
             if num_computed == len(tokens):
                 context = [self.kv_slots.get(self._slot(req_id, i), -1) for i in range(num_computed)]
                 tokens.append(sample_token(context))
@@ -296,7 +300,9 @@ def test_request_that_cannot_grow_preempts_itself():
 
 
 def test_no_admissions_in_a_step_that_preempted():
-    h = Harness(num_kv_blocks=6, max_num_batched_tokens=4, max_num_seqs=3)
+    # Prefix caching off: with it, c's cached first block would make re-admitting c need two
+    # blocks, and nothing would fit whatever the rule.
+    h = Harness(num_kv_blocks=6, max_num_batched_tokens=4, max_num_seqs=3, enable_prefix_caching=False)
     h.add(make_request("a", 8), make_request("b", 4), make_request("c", 4))
     for _ in range(5):
         h.step()
@@ -309,6 +315,20 @@ def test_no_admissions_in_a_step_that_preempted():
     assert (record.num_free_blocks, record.resumed_req_ids) == (1, [])
 
 
+def test_a_waiting_request_that_would_fit_waits_out_a_step_that_preempted():
+    h = Harness(num_kv_blocks=5)
+    c = make_request("c", 11)
+    c.priority = 5  # runs after everyone else, so it is the victim
+    h.add(make_request("a", 8), c)
+    assert h.step_tokens() == {"a": 8, "c": 11}  # the pool is full: a [0, 1], c [2, 3, 4]
+    h.add(make_request("d", 4, max_tokens=1))  # one block, ahead of c in the queue
+    assert h.step_tokens() == {"a": 1}  # a's ninth token preempts c; two blocks are free after
+    record = h.scheduler.records[-1]
+    assert (record.preempted_req_ids, record.num_free_blocks) == (["c"], 2)
+    assert record.new_req_ids == [] and [r.req_id for r in h.scheduler.waiting] == ["d", "c"]
+    assert h.step_tokens() == {"a": 1, "d": 4}
+
+
 def test_lone_request_that_outgrows_the_pool_is_a_clear_error():
     h = Harness(num_kv_blocks=2)
     request = make_request("a", 7, max_tokens=1)
@@ -316,7 +336,7 @@ def test_lone_request_that_outgrows_the_pool_is_a_clear_error():
     request.sampling_params.max_tokens = 5  # what validation in add_request rules out
     h.step()
     h.step()
-    with pytest.raises(RuntimeError, match="whole KV pool"):
+    with pytest.raises(RuntimeError, match="'a' cannot grow to 9 tokens even with the whole KV pool"):
         h.step()
 
 
@@ -508,6 +528,51 @@ def test_scheduling_again_before_the_result_schedules_nothing_twice():
     assert h.step_tokens() == {"a": 1}
 
 
+def run_to_completion(h: Harness, max_steps: int = 200) -> None:
+    """Step until every request has finished; a request stuck in the queue fails, not hangs."""
+    for _ in range(max_steps):
+        if not h.scheduler.has_unfinished_requests():
+            return
+        h.step()
+    raise AssertionError(f"unfinished after {max_steps} steps: {sorted(h.scheduler.requests)}")
+
+
+def scheduled_tokens(plan: StepPlan) -> dict[str, int]:
+    return {r.req_id: r.num_new_tokens for r in plan.new_requests + plan.cached_requests}
+
+
+def schedule_twice_preempting_a_request_in_flight(**config) -> tuple[Harness, StepPlan, StepPlan]:
+    """c's decode is in the first plan; the second, scheduled before the first's result, needs
+    blocks for d's next prefill chunk, so c is preempted while its token is still being sampled."""
+    h = Harness(num_kv_blocks=6, max_num_batched_tokens=8, **config)
+    c = make_request("c", 8)
+    c.priority = 1  # sorts after d: the victim
+    h.add(c)
+    assert h.step_tokens() == {"c": 8}
+    h.add(make_request("d", 20, max_tokens=2))
+    first = h.scheduler.schedule()
+    assert scheduled_tokens(first) == {"c": 1, "d": 7}  # c holds 3 blocks, d 2: one is free
+    second = h.scheduler.schedule()
+    assert scheduled_tokens(second) == {"d": 8}  # d needs 2 more blocks
+    assert h.scheduler.records[-1].preempted_req_ids == ["c"]
+    return h, first, second
+
+
+def test_a_token_sampled_for_a_request_preempted_meanwhile_is_dropped():
+    h, first, second = schedule_twice_preempting_a_request_in_flight()
+    c, d = h.scheduler.get_request("c"), h.scheduler.get_request("d")
+    assert (c.status, c.num_computed_tokens) == (RequestStatus.PREEMPTED, 0)
+    first_result = h.worker.execute(first)
+    second_result = h.worker.execute(second)
+    assert first_result.req_ids == ["c"]  # the worker sampled c's token before it dropped c
+    assert h.scheduler.update_from_output(first, first_result) == []  # c recomputes that token
+    assert h.scheduler.update_from_output(second, second_result) == []  # d's chunks are partial
+    assert len(c.output_token_ids) == 1
+    run_to_completion(h)
+    assert c.output_token_ids == reference_output(make_request("c", 8), 64)[0]
+    assert d.output_token_ids == reference_output(make_request("d", 20, max_tokens=2), 64)[0]
+
+
 def test_step_records_are_bounded():
     scheduler = Scheduler(make_config(), max_records=2)
     worker = FakeWorker()
@@ -669,3 +734,66 @@ def test_long_random_run_under_memory_pressure(enable_chunked_prefill, preemptio
     assert (num_swapped > 20) == (preemption_mode == "swap")
     assert sum(len(r.swapped_in_req_ids) for r in scheduler.records) > 20 or preemption_mode != "swap"
     assert scheduler.swap_pool.num_free_blocks == 8
+
+
+def test_the_last_token_of_the_budget_still_serves_a_running_request():
+    h = Harness(max_num_seqs=3, max_num_batched_tokens=3)
+    h.add(make_request("a", 1), make_request("b", 1), make_request("c", 1))
+    assert h.step_tokens() == {"a": 1, "b": 1, "c": 1}
+    assert h.step_tokens() == {"a": 1, "b": 1, "c": 1}  # the third decode takes the last token
+
+
+def test_a_request_awaiting_its_token_does_not_hold_up_the_ones_after_it():
+    h = Harness(max_num_batched_tokens=8)
+    h.add(make_request("a", 2), make_request("b", 2), make_request("c", 30))
+    first = h.scheduler.schedule()
+    assert scheduled_tokens(first) == {"a": 2, "b": 2, "c": 4}
+    second = h.scheduler.schedule()  # before the result: a and b await their tokens
+    assert scheduled_tokens(second) == {"c": 8}
+    h.scheduler.abort_requests(["b"])
+    third = h.scheduler.schedule()  # a, still awaiting, sits just before c
+    assert scheduled_tokens(third) == {"c": 8}
+    for plan in (first, second, third):
+        h.scheduler.update_from_output(plan, h.worker.execute(plan))
+
+
+def test_sequence_numbers_count_add_request_calls_from_zero():
+    h = Harness()
+    requests = [make_request(name, 4) for name in "abc"]
+    h.add(*requests)
+    assert [r.sequence_number for r in requests] == [0, 1, 2]
+
+
+def test_plans_and_records_carry_what_was_decided():
+    h = Harness(num_kv_blocks=4, max_num_seqs=2)
+    a = make_request("a", 4, max_tokens=1, temperature=0.5, top_k=3, seed=9)
+    h.add(a, make_request("b", 4), make_request("c", 4))
+    plan, _ = h.step()  # a finishes; c waits for a sequence slot
+    assert plan.new_requests[0].sampling == a.sampling_params.to_options()
+    record = h.scheduler.records[-1]
+    assert (record.num_waiting, record.num_running, record.finished_req_ids) == (1, 2, [])  # as scheduled
+    plan, _ = h.step()
+    assert h.scheduler.records[-1].finished_req_ids == plan.finished_req_ids == ["a"]
+
+
+def test_misuse_is_refused_with_a_message_that_says_what():
+    h = Harness(max_queued_requests=1)
+    stale = make_request("stale", 4)
+    stale.num_computed_tokens = 2
+    with pytest.raises(ValueError, match="^request 'stale' is not fresh$"):
+        h.add(stale)
+    h.add(make_request("a", 4))
+    with pytest.raises(QueueFullError, match="^1 requests are already waiting$"):
+        h.add(make_request("b", 4))
+    with pytest.raises(ValueError, match="^RUNNING is not a finished status$"):
+        h.scheduler.finish_requests(["a"], RequestStatus.RUNNING)
+    plan = h.scheduler.schedule()
+    with pytest.raises(ValueError, match=r"^result of step 1 \(0 ids, 0 tokens\) does not answer plan 0$"):
+        h.scheduler.update_from_output(plan, StepResult(1, 0, [], [], 0.0))
+    with pytest.raises(RuntimeError, match="^request 'a' expected a sampled token in step 0$"):
+        h.scheduler.update_from_output(plan, StepResult(0, 0, [], [], 0.0))
+    chunked = Harness(max_num_batched_tokens=8)
+    chunked.add(make_request("p", 20))
+    plan = chunked.scheduler.schedule()  # a partial prefill chunk samples nothing
+    with pytest.raises(RuntimeError, match="^request 'p' expected no sampled token in step 0$"):
+        chunked.scheduler.update_from_output(plan, StepResult(0, 0, ["p"], [1], 0.0))

@@ -10,38 +10,11 @@ from collections import Counter
 
 import pytest
 
-from scheduler_svc.protocol import StepResult
 from scheduler_svc.request import Request, RequestStatus
 from scheduler_svc.scheduler import QueueFullError, Scheduler
-from tests.test_scheduler import FakeWorker, make_config, random_request, reference_output, sample_token
+from tests.test_scheduler import FakeWorker, make_config, random_request, reference_output
 
 TENANTS = ["", "a", "b", "c"]
-
-
-class ContractOrderedWorker(FakeWorker):
-    """The fake worker, but in the order of docs/CONTRACTS.md: the K/V of every token in the step
-    are written before any request reads its context. FakeWorker writes and reads request by
-    request in batch order (new requests first), so a newcomer's prefix-cache hit on a block that
-    a running request fills in the same step (allowed by the contract) would read stale slots."""
-
-    def _run(self, step_id: int, scheduled: list[tuple[str, int]]) -> StepResult:
-        for req_id, num_new_tokens in scheduled:
-            num_computed = self.num_computed_tokens[req_id] + num_new_tokens
-            tokens = self.token_ids[req_id]
-            assert num_new_tokens >= 1 and num_computed <= len(tokens)
-            assert len(self.block_tables[req_id]) * self.block_size >= num_computed
-            for position in range(num_computed - num_new_tokens, num_computed):
-                self.kv_slots[self._slot(req_id, position)] = tokens[position]
-            self.num_computed_tokens[req_id] = num_computed
-        req_ids, token_ids = [], []
-        for req_id, _ in scheduled:
-            tokens, num_computed = self.token_ids[req_id], self.num_computed_tokens[req_id]
-            if num_computed == len(tokens):
-                context = [self.kv_slots.get(self._slot(req_id, i), -1) for i in range(num_computed)]
-                tokens.append(sample_token(context))
-                req_ids.append(req_id)
-                token_ids.append(tokens[-1])
-        return StepResult(step_id, 0, req_ids, token_ids, 0.0)
 
 
 def check_pool(scheduler: Scheduler, worker: FakeWorker) -> None:
@@ -83,7 +56,7 @@ def test_long_random_run_with_priorities_tenants_and_policies(policy, preemption
         priority_aging_s=200.0, scheduling_policy=policy, priority_preemption_guard_steps=3,
         tenant_weights={"a": 2.0}, fair_share_half_life_steps=50,
     ))
-    worker = ContractOrderedWorker()
+    worker = FakeWorker()
     requests: dict[str, Request] = {}
     outputs: dict[str, list[int]] = {}
     aborted: set[str] = set()

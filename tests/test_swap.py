@@ -12,7 +12,13 @@ import torch
 
 from scheduler_svc.preemption_cost import PreemptionCost
 from scheduler_svc.request import RequestStatus
-from tests.test_scheduler import Harness, make_request, reference_output
+from tests.test_scheduler import (
+    Harness,
+    make_request,
+    reference_output,
+    run_to_completion,
+    schedule_twice_preempting_a_request_in_flight,
+)
 from worker_svc.kv_cache import KVCacheSpec, allocate_kv_caches
 from worker_svc.swap_space import SwapSpace
 
@@ -74,7 +80,8 @@ def test_without_room_in_the_swap_space_the_victim_is_recomputed():
 
 
 def test_recompute_mode_never_swaps():
-    h = swap_harness(preemption_mode="recompute")
+    h = swap_harness(preemption_mode="recompute", kv_bytes_per_block=1000, swap_bytes_per_s=1e6)
+    h.scheduler.observe_step_time(100, 1.0)  # the cost rule alone would swap (see below)
     plan, _ = h.step()
     assert plan.swap_out == [] and h.scheduler.get_request("c").status == RequestStatus.PREEMPTED
 
@@ -84,6 +91,22 @@ def test_aborting_a_swapped_request_frees_its_swap_blocks():
     h.step()
     h.scheduler.abort_requests(["c"])
     assert h.scheduler.swap_pool.num_free_blocks == 4 and h.scheduler.num_swapped == 0
+
+
+def test_a_victim_whose_token_is_still_being_sampled_is_recomputed_not_swapped():
+    # Swapped, it would keep num_computed_tokens past its last token, whose result is dropped
+    # (it no longer runs): it would wait forever for a token nobody computes.
+    h, first, second = schedule_twice_preempting_a_request_in_flight(
+        preemption_mode="swap", num_swap_blocks=8
+    )
+    c, d = h.scheduler.get_request("c"), h.scheduler.get_request("d")
+    assert (c.status, c.num_computed_tokens, second.swap_out) == (RequestStatus.PREEMPTED, 0, [])
+    for plan, result in [(first, h.worker.execute(first)), (second, h.worker.execute(second))]:
+        h.scheduler.update_from_output(plan, result)
+    run_to_completion(h)
+    assert c.output_token_ids == reference_output(make_request("c", 8), 64)[0]
+    assert d.output_token_ids == reference_output(make_request("d", 20, max_tokens=2), 64)[0]
+    assert h.scheduler.swap_pool.num_free_blocks == 8
 
 
 def test_auto_mode_swaps_only_when_the_cost_rule_says_it_is_cheaper():

@@ -87,19 +87,24 @@ def apply_top_k_top_p(
     `top_k` int64 [N] (vocab size: no limit), `top_p` float32 [N] (1.0: no limit). Top-p is
     measured on the distribution already restricted to the top-k tokens; the most likely token
     always survives. Only the `num_candidates` largest logits per row are ranked (a full sort
-    costs ~20x a top-k of 1024 on CPU); rows whose allowed set may reach past them are redone
-    with a full sort, so the result is exact either way.
+    costs ~20x a top-k of 1024 on CPU). A batch with a row whose allowed set may reach past
+    them (a top-k larger than `num_candidates`, or no top-k and a nucleus the candidates do not
+    cover) is redone with a full sort, so the result is exact either way; `Sampler` passes at
+    least every row's top-k, so only the nucleus can spill.
     """
     vocab = logits.shape[-1]
     k = vocab if num_candidates is None else min(num_candidates, vocab)
+    if k < vocab and bool(((top_k > k) & (top_k < vocab)).any()):
+        # Top-p of such a row is measured against its whole top-k set, past the candidates.
+        return apply_top_k_top_p(logits, top_k, top_p, None)
     if k < vocab:
         values, indices = logits.topk(k, dim=-1)
     else:
         values, indices = logits.sort(dim=-1, descending=True)
     rank = torch.arange(k, device=logits.device)
     values = values.masked_fill(rank >= top_k.unsqueeze(1), float("-inf"))
-    # The normaliser covers the whole top-k set, which may extend past the candidates.
     lse = values.logsumexp(-1, keepdim=True)
+    # A row without top-k (top_k == vocab, beyond the candidates) normalises over the whole row.
     beyond = top_k > k
     if k < vocab and bool(beyond.any()):
         lse = torch.where(beyond.unsqueeze(1), logits.logsumexp(-1, keepdim=True), lse)
