@@ -118,10 +118,11 @@ def save_seeded_workload(args: argparse.Namespace) -> Path:
     return workload
 
 
-def run_engine(args: argparse.Namespace, scheduling: str, workload: Path) -> list[Path]:
+def run_engine(args: argparse.Namespace, scheduling: str, workload: Path,
+               extra_flags: Sequence[str] = ()) -> list[Path]:
     """Serve with one policy and replay the workload `repeats` times against it."""
     results = []
-    with served(args, scheduling) as target:
+    with served(args, scheduling, extra_flags) as target:
         for repeat in range(args.repeats):
             result = args.out / f"{scheduling}-{repeat}.json"
             subprocess.run([sys.executable, "-m", "clients.bench", "--target", target,

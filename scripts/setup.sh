@@ -10,7 +10,7 @@ fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
 
-# Our C++ CPU attention kernels (kernels/cpu), compiled once into ~/.cache/omnibus and rebuilt
+# Our C++ CPU attention kernels (kernels/cpu), compiled once into ~/.cache/torch_extensions and rebuilt
 # when a source changes. Without a compiler this warns, and the worker uses the torch reference.
 build_cpu_kernels() {
   "$PY" -m kernels.cpu_ops build --optional

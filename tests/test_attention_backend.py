@@ -103,3 +103,15 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     os.utime(lock, (old, old))
     cpu_ops._remove_stale_lock(tmp_path, max_age_s=600)
     assert not lock.exists()
+
+
+def test_a_cached_build_loads_without_the_toolchain(monkeypatch):
+    from torch.utils import cpp_extension
+
+    cpu_ops.build_extension()  # make sure this source digest is built
+
+    def no_toolchain(*args, **kwargs):
+        raise AssertionError("the toolchain ran although the build is cached")
+
+    monkeypatch.setattr(cpp_extension, "load", no_toolchain)
+    assert cpu_ops.CpuAttention(cpu_ops.build_extension()).isa in ("avx512", "avx2")
