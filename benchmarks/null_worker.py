@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from dataclasses import dataclass, field
 
 import zmq
@@ -65,8 +66,13 @@ def null_hello(num_kv_blocks: int, block_size: int, max_model_len: int) -> proto
     )
 
 
-def serve(address: str, hello: protocol.WorkerHello) -> int:
-    """Register at `address`, then answer plans until `Shutdown`; returns the exit code."""
+def serve(address: str, hello: protocol.WorkerHello, step_delay_s: float = 0.0,
+          parent_pid: int | None = None) -> int:
+    """Register at `address`, then answer plans until `Shutdown`; returns the exit code.
+
+    `step_delay_s` paces every answer (a stand-in for a model's step); with `parent_pid` the
+    worker exits 1 once that process is gone.
+    """
     context = zmq.Context()
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.IDENTITY, b"worker-0")
@@ -76,9 +82,15 @@ def serve(address: str, hello: protocol.WorkerHello) -> int:
     try:
         socket.send(protocol.encode(hello))
         while True:
+            if not socket.poll(1000):
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    return 1
+                continue
             message = protocol.decode_for_worker(socket.recv_multipart()[-1])
             if isinstance(message, protocol.Shutdown):
                 return 0
+            if step_delay_s:
+                time.sleep(step_delay_s)
             socket.send(protocol.encode(runner.execute(message)))
     finally:
         socket.close(linger=0)

@@ -16,14 +16,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import zmq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from benchmarks.null_worker import NULL_TOKEN_ID, NullRunner, null_hello
-from scheduler_svc import protocol
+from benchmarks.null_worker import NULL_TOKEN_ID, null_hello, serve
 from tests.server_harness import ServerThread
 
 BOS, EOS = "<s>", "</s>"
@@ -82,31 +79,6 @@ class NullServerThread(ServerThread):
         return self.processes
 
 
-def serve_paced(address: str, hello: protocol.WorkerHello, step_delay_s: float, parent_pid: int | None) -> int:
-    """The null worker's loop with a pause per step; exits on Shutdown or when its parent is gone."""
-    context = zmq.Context()
-    socket = context.socket(zmq.DEALER)
-    socket.setsockopt(zmq.IDENTITY, b"worker-0")
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.connect(address)
-    runner = NullRunner()
-    try:
-        socket.send(protocol.encode(hello))
-        while True:
-            if not socket.poll(1000):
-                if parent_pid is not None and os.getppid() != parent_pid:
-                    return 1
-                continue
-            message = protocol.decode_for_worker(socket.recv_multipart()[-1])
-            if isinstance(message, protocol.Shutdown):
-                return 0
-            time.sleep(step_delay_s)
-            socket.send(protocol.encode(runner.execute(message)))
-    finally:
-        socket.close(linger=0)
-        context.term()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="a paced null worker for tests")
     parser.add_argument("--scheduler", required=True)
@@ -116,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
     hello = null_hello(args.num_kv_blocks, 16, args.max_model_len)
-    return serve_paced(args.scheduler, hello, args.step_delay_s, args.parent_pid)
+    return serve(args.scheduler, hello, args.step_delay_s, args.parent_pid)
 
 
 if __name__ == "__main__":
