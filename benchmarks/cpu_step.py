@@ -119,14 +119,13 @@ def kv_bytes(model: LlamaForCausalLM, batch: int, context: int) -> int:
 
 def linear_shapes(model: LlamaForCausalLM) -> list[tuple[int, int]]:
     """(in, out) of every matrix product of one step, LM head last."""
-    layer = model.model.layers[0]
+    attn, hidden, mlp = model.model.layers[0].self_attn, model.config.hidden_size, model.model.layers[0].mlp
     per_layer = [
-        (layer.self_attn.q_size, layer.self_attn.q_size + 2 * layer.self_attn.kv_size),
-        (layer.self_attn.q_size, model.config.hidden_size),
-        (model.config.hidden_size, 2 * layer.mlp.intermediate_size),
-        (layer.mlp.intermediate_size, model.config.hidden_size),
+        (hidden, attn.q_size + 2 * attn.kv_size),  # qkv
+        (attn.q_size, hidden),  # o
+        (hidden, 2 * mlp.intermediate_size),  # gate_up
+        (mlp.intermediate_size, hidden),  # down
     ]
-    per_layer[0] = (model.config.hidden_size, per_layer[0][1])
     return per_layer * model.num_layers + [(model.config.hidden_size, model.vocab_size)]
 
 
@@ -151,19 +150,33 @@ def build(model_dir: Path, attention: str, linear: str) -> tuple[LlamaForCausalL
     return model, ops
 
 
+def decode_step(model: LlamaForCausalLM, caches, attn: AttentionMetadata, input_ids: torch.Tensor,
+                positions: torch.Tensor) -> Callable[[], list[int]]:
+    """One decode step as the worker runs it: forward, logits of every row, greedy sampling."""
+    sampler = Sampler("cpu")
+    greedy = [SamplingOptions()] * len(attn.seq_lens_cpu)
+    sample_positions = list(attn.seq_lens_cpu)
+
+    def step() -> list[int]:
+        hidden = model(input_ids, positions, caches, attn)
+        return sampler.sample(model.compute_logits(hidden), greedy, sample_positions).tolist()
+
+    return step
+
+
+@torch.inference_mode()
+def step_ms(model: LlamaForCausalLM, batch: int, context: int, repeats: int) -> float:
+    """Median milliseconds of one decode step of `batch` sequences after `context` tokens."""
+    inputs = decode_inputs(model, batch, context, torch.Generator().manual_seed(batch * 100_003 + context))
+    return median_s(decode_step(model, *inputs), repeats) * 1e3
+
+
 @torch.inference_mode()
 def measure_point(config: str, model: LlamaForCausalLM, ops: AttentionOps, batch: int, context: int,
                   gemm: dict[str, float], bandwidth_gbs: float, repeats: int) -> StepPoint:
     generator = torch.Generator().manual_seed(batch * 100_003 + context)
     caches, attn, input_ids, positions = decode_inputs(model, batch, context, generator)
-    sampler = Sampler("cpu")
-    greedy = [SamplingOptions()] * batch
-    sample_positions = [context + 1] * batch
-
-    def step():
-        hidden = model(input_ids, positions, caches, attn)
-        return sampler.sample(model.compute_logits(hidden), greedy, sample_positions).tolist()
-
+    step = decode_step(model, caches, attn, input_ids, positions)
     q = torch.randn(batch, model.num_heads, model.head_dim, generator=generator)
     scale = model.head_dim**-0.5
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.compare_batching import served
-from benchmarks.cpu_step import build, measure_point, read_bandwidth_gbs
+from benchmarks.cpu_step import build, step_ms
 from clients.bench.metrics import itls
 from clients.bench.report import git_revision
 from clients.bench.runner import RunOptions, run_workload
@@ -65,14 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = prepare_model()
     rows = []
     served_ms = {batch: served_step_ms(args, batch) for batch in args.batches}  # model not loaded here yet
-    model, ops = build(model_dir, "auto", "onednn")
-    bandwidth = read_bandwidth_gbs(3)
+    model, _ = build(model_dir, "auto", "onednn")
     for batch in args.batches:
         context = args.prompt_len + args.output_len // 2
-        point = measure_point("in-process", model, ops, batch, context, {"none": float("inf")}, bandwidth, 5)
+        in_process = step_ms(model, batch, context, repeats=5)
         served = statistics.median(served_ms[batch])
         rows.append({"batch": batch, "context": context, "served_step_ms": served, "served_runs_ms": served_ms[batch],
-                     "in_process_step_ms": point.step_ms, "served_over_in_process": served / point.step_ms})
+                     "in_process_step_ms": in_process, "served_over_in_process": served / in_process})
     lines = ["| batch | context | served step ms (median ITL) | in-process step ms | served / in-process |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['context']} | {r['served_step_ms']:.1f} | {r['in_process_step_ms']:.1f} "

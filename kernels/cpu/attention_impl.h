@@ -19,8 +19,6 @@ struct F16 { using T = uint16_t; };
 // (prefill rows) first transpose the key tile so 16 scores come out of broadcast FMAs.
 constexpr int kTransposeMinQueries = 8;  // run_tiles has a case for each count below
 constexpr float kNegInf = -__builtin_inff();
-// Measured: 1 tile ahead into L1 did as well as 2 or 4 tiles, or L2 (T1) hints.
-constexpr int kPrefetchTiles = 1;
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t bits = uint32_t(h) << 16;
@@ -60,11 +58,6 @@ template <class D> inline void store1(typename D::T* p, float x) { Codec<D>::sto
 template <class D> inline V::reg loadv(const typename D::T* p) { return Codec<D>::loadv(p); }
 
 inline int min_int(int a, int b) { return a < b ? a : b; }
-
-inline void prefetch_row(const void* row, int bytes) {
-  const char* p = static_cast<const char*>(row);
-  for (int offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T0);
-}
 
 constexpr int kTileRegs = kKeyTile / V::kWidth;  // vectors per tile of scores
 
@@ -213,7 +206,7 @@ struct KeyRows {
   const typename D::T* v_cache;
   const int32_t* table;
   int64_t token_stride, head_offset;
-  int block_size, row_bytes;
+  int block_size;
 
   // Row pointers of positions [j0, j0 + count): one division per tile, not per key.
   void locate(int j0, int count, const typename D::T** keys, const typename D::T** values) const {
@@ -222,17 +215,6 @@ struct KeyRows {
       const int64_t row = (int64_t(table[page]) * block_size + offset) * token_stride + head_offset;
       keys[t] = k_cache + row;
       values[t] = v_cache + row;
-      if (++offset == block_size) offset = 0, ++page;
-    }
-  }
-
-  // Decode is bound by memory latency: ask for a tile's rows one tile ahead.
-  void prefetch(int j0, int count) const {
-    int page = j0 / block_size, offset = j0 - page * block_size;
-    for (int t = 0; t < count; ++t) {
-      const int64_t row = (int64_t(table[page]) * block_size + offset) * token_stride + head_offset;
-      prefetch_row(k_cache + row, row_bytes);
-      prefetch_row(v_cache + row, row_bytes);
       if (++offset == block_size) offset = 0, ++page;
     }
   }
@@ -246,7 +228,6 @@ void run_tiles_transposed(TileState& st, const KeyRows<D>& rows, int num_queries
   for (int j0 = 0; j0 < num_keys; j0 += kKeyTile) {
     const int count = min_int(kKeyTile, num_keys - j0);
     rows.locate(j0, count, keys, values);
-    rows.prefetch(j0 + kPrefetchTiles * kKeyTile, min_int(kKeyTile, num_keys - j0 - kPrefetchTiles * kKeyTile));
     transpose_keys<D>(st, keys, count, head_dim);
     for (int m0 = 0; m0 < num_queries; m0 += 4) score_transposed4(st, m0, min_int(4, num_queries - m0), head_dim);
     for (int m = 0; m < num_queries; ++m) {
@@ -266,7 +247,6 @@ void run_tiles_grouped(TileState& st, const KeyRows<D>& rows, int num_keys, int 
   for (int j0 = 0; j0 < num_keys; j0 += kKeyTile) {
     const int count = min_int(kKeyTile, num_keys - j0);
     rows.locate(j0, count, keys, values);
-    rows.prefetch(j0 + kPrefetchTiles * kKeyTile, min_int(kKeyTile, num_keys - j0 - kPrefetchTiles * kKeyTile));
     score_group<D, M>(st, head_dim, keys, count);
     for (int m = 0; m < M; ++m) {
       const int visible = min_int(count, st.last[m] - j0 + 1);
@@ -292,7 +272,7 @@ struct HeadState {
 };
 
 // One decode row, KV heads [kv_head, kv_head_end): per tile, every head's keys of the same 16
-// tokens, so each token's whole K and V rows are read (and prefetched) together.
+// tokens, so each token's whole K and V rows are read together.
 template <class D, int M>
 void run_decode_heads(const AttentionArgs& args, const WorkItem& item) {
   using T = typename D::T;
@@ -317,7 +297,7 @@ void run_decode_heads(const AttentionArgs& args, const WorkItem& item) {
   const int64_t token_stride = int64_t(args.num_kv_heads) * head_dim;
   const KeyRows<D> rows{static_cast<const T*>(args.k_cache), static_cast<const T*>(args.v_cache),
                         args.block_tables + item.seq * args.block_table_stride, token_stride,
-                        int64_t(item.kv_head) * head_dim, args.block_size, num_kv * head_dim * int(sizeof(T))};
+                        int64_t(item.kv_head) * head_dim, args.block_size};
   const T* key_rows[kKeyTile];
   const T* value_rows[kKeyTile];
   const T* keys[kKeyTile];
@@ -325,7 +305,6 @@ void run_decode_heads(const AttentionArgs& args, const WorkItem& item) {
   for (int j0 = 0; j0 < num_keys; j0 += kKeyTile) {
     const int count = min_int(kKeyTile, num_keys - j0);
     rows.locate(j0, count, key_rows, value_rows);
-    rows.prefetch(j0 + kPrefetchTiles * kKeyTile, min_int(kKeyTile, num_keys - j0 - kPrefetchTiles * kKeyTile));
     for (int h = 0; h < num_kv; ++h) {
       for (int t = 0; t < count; ++t) {
         keys[t] = key_rows[t] + h * head_dim;
@@ -405,7 +384,7 @@ void attention_tile(const AttentionArgs& args, const WorkItem& item) {
   const KeyRows<D> rows{static_cast<const T*>(args.k_cache), static_cast<const T*>(args.v_cache),
                         args.block_tables + item.seq * args.block_table_stride,
                         int64_t(args.num_kv_heads) * head_dim, int64_t(item.kv_head) * head_dim,
-                        args.block_size, head_dim * int(sizeof(T))};
+                        args.block_size};
   run_tiles<D>(st, rows, num_queries, context + item.row_end, head_dim);  // the last row's keys
 
   T* out = static_cast<T*>(args.out);
