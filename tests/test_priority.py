@@ -14,10 +14,10 @@ from tests.test_scheduler import NO_EOS, Harness, reference_output
 
 
 def request(req_id: str, priority: int = 0, arrival_time: float = 0.0, num_prompt_tokens: int = 4,
-            max_tokens: int = 2) -> Request:
+            max_tokens: int = 2, tenant: str = "") -> Request:
     prompt = [zlib.crc32(req_id.encode()) % 900 + i for i in range(num_prompt_tokens)]
     return Request(req_id, prompt, SamplingParams(max_tokens=max_tokens), NO_EOS,
-                   arrival_time=arrival_time, priority=priority)
+                   arrival_time=arrival_time, priority=priority, tenant=tenant)
 
 
 def admitted_order(h: Harness) -> list[str]:

@@ -9,30 +9,22 @@ uncontended reference (tests/test_scheduler.py), so a preemption that loses a to
 from __future__ import annotations
 
 import math
-import zlib
 
 import pytest
 
 from scheduler_svc.fair_share import TenantUsage, load_tenant_weights
-from scheduler_svc.request import Request, SamplingParams
-from tests.test_scheduler import NO_EOS, Harness, reference_output
+from scheduler_svc.request import Request
+from tests.test_priority import admitted_order
+from tests.test_priority import request as priority_request
+from tests.test_scheduler import Harness, reference_output
 
 MAX_MODEL_LEN = 64  # make_config's
 
 
 def request(req_id: str, priority: int = 0, arrival_time: float = 0.0, num_prompt_tokens: int = 4,
             max_tokens: int = 1, tenant: str = "") -> Request:
-    prompt = [zlib.crc32(req_id.encode()) % 900 + i for i in range(num_prompt_tokens)]
-    return Request(req_id, prompt, SamplingParams(max_tokens=max_tokens), NO_EOS,
-                   arrival_time=arrival_time, priority=priority, tenant=tenant)
-
-
-def admitted_order(h: Harness) -> list[str]:
-    order = []
-    while h.scheduler.has_unfinished_requests():
-        h.step()
-        order += h.scheduler.records[-1].new_req_ids
-    return order
+    """test_priority's requests, one output token by default."""
+    return priority_request(req_id, priority, arrival_time, num_prompt_tokens, max_tokens, tenant)
 
 
 def run_to_end_and_check(h: Harness, requests: list[Request]) -> None:
