@@ -64,6 +64,15 @@ def test_mixed_batch_matches_naive(kernels, seed, heads, head_dim):
     assert_matches_naive(run_kernel(kernels, batch), batch)
 
 
+@pytest.mark.parametrize("head_dim", [48, 80])
+def test_head_dims_with_a_partial_register_chunk(kernels, seed, head_dim):
+    """head_dim / vector width not a multiple of the accumulators' chunk: a one-vector tail."""
+    random.seed(seed)
+    seq_lens, query_lens = mixed_lens(16)
+    batch = make_batch(seq_lens, query_lens, 9, 3, head_dim, 16, share_first_page=True)
+    assert_matches_naive(run_kernel(kernels, batch), batch)
+
+
 @pytest.mark.parametrize("block_size", [1, 7, 8, 32])
 def test_any_block_size(kernels, seed, block_size):
     random.seed(seed)

@@ -27,6 +27,7 @@ struct V {
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static float first(reg x) { return _mm512_cvtss_f32(x); }
   static float reduce_add(reg x) { return _mm512_reduce_add_ps(x); }
   static float reduce_max(reg x) { return _mm512_reduce_max_ps(x); }
   // out[i] = sum of the lanes of rows[i], for 16 rows: a transposing add tree (15 adds).

@@ -60,6 +60,8 @@ template <class D> inline V::reg loadv(const typename D::T* p) { return Codec<D>
 inline int min_int(int a, int b) { return a < b ? a : b; }
 
 constexpr int kTileRegs = kKeyTile / V::kWidth;  // vectors per tile of scores
+// Keys per softmax update of a decode row (a multiple of kKeyTile): see softmax_update.
+constexpr int kDecodeChunk = 128;
 
 // Per-item state: queries (pre-scaled), output accumulators, softmax statistics.
 struct TileState {
@@ -70,13 +72,14 @@ struct TileState {
   float max[kMaxTileQueries];
   float sum[kMaxTileQueries];
   int last[kMaxTileQueries];  // position of the last key each query may see
+  static constexpr int kScoreStride = kKeyTile;  // floats between two queries' rows of p
 };
 
 // Scores of every query against the tile's `count` keys, by dot products: each key row is loaded
 // once for the whole (small) group of queries, and the per-key partial sums are reduced 16 at a
 // time by a transposing add tree instead of one horizontal sum per score.
 template <class D, int M, class State>
-inline void score_group(State& st, int head_dim, const typename D::T* const* keys, int count) {
+inline void score_group(State& st, int head_dim, const typename D::T* const* keys, int count, int first = 0) {
   constexpr int num_queries = M;  // a compile-time count keeps the accumulators in registers
   typename V::reg partial[M][kKeyTile];
   const int num_vectors = head_dim / V::kWidth;
@@ -94,7 +97,7 @@ inline void score_group(State& st, int head_dim, const typename D::T* const* key
     }
     for (int m = 0; m < num_queries; ++m) partial[m][t] = sums[m];
   }
-  for (int m = 0; m < num_queries; ++m) V::reduce_rows16(partial[m], st.p + m * kKeyTile);
+  for (int m = 0; m < num_queries; ++m) V::reduce_rows16(partial[m], st.p + m * State::kScoreStride + first);
 }
 
 // Scores of queries [m0, m0 + 4) against the transposed tile (unused query slots are skipped).
@@ -126,24 +129,26 @@ inline void transpose_keys(TileState& st, const typename D::T* const* keys, int 
 }
 
 // Online-softmax update of query m with its scores in st.p (first `visible` lanes valid):
-// leaves probabilities (0 past `visible`) in st.p and rescales the accumulator.
+// leaves probabilities in the first `span` lanes of st.p (0 past `visible`) and rescales the
+// accumulator. Decode rows score up to kDecodeChunk keys per update, so this chain of horizontal
+// reductions and exps (latency, not throughput) is paid once per chunk, not once per 16 keys.
 template <class State>
-inline void softmax_update(State& st, int m, int visible, int head_dim) {
-  float* p = st.p + m * kKeyTile;
-  typename V::reg s[kTileRegs];
+inline void softmax_update(State& st, int m, int visible, int span, int head_dim) {
+  float* p = st.p + m * State::kScoreStride;
+  const int num_regs = (span + V::kWidth - 1) / V::kWidth;
   typename V::reg tile_max = V::set1(kNegInf);
-  for (int r = 0; r < kTileRegs; ++r) {
-    s[r] = V::mask_first(V::load(p + r * V::kWidth), visible - r * V::kWidth, kNegInf);
-    tile_max = V::max(tile_max, s[r]);
-  }
+  for (int r = 0; r < num_regs; ++r)
+    tile_max = V::max(tile_max, V::mask_first(V::load(p + r * V::kWidth), visible - r * V::kWidth, kNegInf));
   const float old_max = st.max[m];
   float new_max = V::reduce_max(tile_max);
   new_max = new_max > old_max ? new_max : old_max;
-  const float correction = __builtin_expf(old_max - new_max);  // 0 on the first tile
+  // 0 on the first tile; the vector exp, because libm's expf is a call per query per tile.
+  const float correction = V::first(V::exp(V::set1(old_max - new_max)));
   typename V::reg total = V::zero();
   const typename V::reg shift = V::set1(new_max);
-  for (int r = 0; r < kTileRegs; ++r) {
-    typename V::reg e = V::mask_first(V::exp(V::sub(s[r], shift)), visible - r * V::kWidth, 0.0f);
+  for (int r = 0; r < num_regs; ++r) {
+    const typename V::reg s = V::load(p + r * V::kWidth);
+    const typename V::reg e = V::mask_first(V::exp(V::sub(s, shift)), visible - r * V::kWidth, 0.0f);
     total = V::add(total, e);
     V::store(p + r * V::kWidth, e);
   }
@@ -156,47 +161,56 @@ inline void softmax_update(State& st, int m, int visible, int head_dim) {
   }
 }
 
+// Accumulator chunks have compile-time widths: with a run-time vector count GCC stages the value
+// loads through a stack array and calls memcpy per key (measured: a third of the kernel's time).
+// A head_dim whose vector count is not a multiple of the chunk ends with one single-vector chunk.
+template <int N> struct Width { static constexpr int value = N; };  // no <type_traits>: see above
+
+template <int kChunk, class Fn>
+inline void for_each_chunk(int head_dim, Fn&& chunk) {
+  int d0 = 0;
+  for (; d0 + kChunk * V::kWidth <= head_dim; d0 += kChunk * V::kWidth) chunk(d0, Width<kChunk>{});
+  for (; d0 < head_dim; d0 += V::kWidth) chunk(d0, Width<1>{});
+}
+
 // acc[m] += sum over the tile's first `visible` keys of p[m][t] * value[t].
 template <class D>
 inline void accumulate_values(TileState& st, int m, int visible, int head_dim,
                               const typename D::T* const* values) {
   const float* p = st.p + m * kKeyTile;
   float* acc = st.acc + m * head_dim;
-  constexpr int kChunk = 4;  // accumulator vectors held in registers at a time
-  for (int d0 = 0; d0 < head_dim; d0 += kChunk * V::kWidth) {
-    const int n = min_int(kChunk, (head_dim - d0) / V::kWidth);
-    typename V::reg a[kChunk];
+  for_each_chunk<4>(head_dim, [&](int d0, auto width) {
+    constexpr int n = decltype(width)::value;
+    typename V::reg a[n];
     for (int c = 0; c < n; ++c) a[c] = V::load(acc + d0 + c * V::kWidth);
     for (int t = 0; t < visible; ++t) {
       const typename V::reg w = V::set1(p[t]);
       for (int c = 0; c < n; ++c) a[c] = V::fma(w, loadv<D>(values[t] + d0 + c * V::kWidth), a[c]);
     }
     for (int c = 0; c < n; ++c) V::store(acc + d0 + c * V::kWidth, a[c]);
-  }
+  });
 }
 
 // The same for a small group of queries at once: each value row is loaded once for all of them.
 // Probabilities past a query's causal limit are 0, so all `count` keys can be summed.
 template <class D, int M, class State>
 inline void accumulate_values_group(State& st, int count, int head_dim, const typename D::T* const* values) {
-  constexpr int num_queries = M;
-  constexpr int kChunk = 2;
-  for (int d0 = 0; d0 < head_dim; d0 += kChunk * V::kWidth) {
-    const int n = min_int(kChunk, (head_dim - d0) / V::kWidth);
-    typename V::reg a[M][kChunk];
-    for (int m = 0; m < num_queries; ++m)
+  for_each_chunk<2>(head_dim, [&](int d0, auto width) {
+    constexpr int n = decltype(width)::value;
+    typename V::reg a[M][n];
+    for (int m = 0; m < M; ++m)
       for (int c = 0; c < n; ++c) a[m][c] = V::load(st.acc + m * head_dim + d0 + c * V::kWidth);
     for (int t = 0; t < count; ++t) {
-      typename V::reg v[kChunk];
+      typename V::reg v[n];
       for (int c = 0; c < n; ++c) v[c] = loadv<D>(values[t] + d0 + c * V::kWidth);
-      for (int m = 0; m < num_queries; ++m) {
-        const typename V::reg w = V::set1(st.p[m * kKeyTile + t]);
+      for (int m = 0; m < M; ++m) {
+        const typename V::reg w = V::set1(st.p[m * State::kScoreStride + t]);
         for (int c = 0; c < n; ++c) a[m][c] = V::fma(w, v[c], a[m][c]);
       }
     }
-    for (int m = 0; m < num_queries; ++m)
+    for (int m = 0; m < M; ++m)
       for (int c = 0; c < n; ++c) V::store(st.acc + m * head_dim + d0 + c * V::kWidth, a[m][c]);
-  }
+  });
 }
 
 // Where one work item's keys live: its sequence's block table, its KV head's rows.
@@ -218,6 +232,7 @@ struct KeyRows {
       if (++offset == block_size) offset = 0, ++page;
     }
   }
+
 };
 
 // The key loop for many queries (prefill rows): transposed key tiles, one query at a time after.
@@ -233,7 +248,7 @@ void run_tiles_transposed(TileState& st, const KeyRows<D>& rows, int num_queries
     for (int m = 0; m < num_queries; ++m) {
       const int visible = min_int(count, st.last[m] - j0 + 1);
       if (visible <= 0) continue;  // this tile lies past the query's causal limit
-      softmax_update(st, m, visible, head_dim);
+      softmax_update(st, m, visible, kKeyTile, head_dim);
       accumulate_values<D>(st, m, visible, head_dim, values);
     }
   }
@@ -251,7 +266,7 @@ void run_tiles_grouped(TileState& st, const KeyRows<D>& rows, int num_keys, int 
     for (int m = 0; m < M; ++m) {
       const int visible = min_int(count, st.last[m] - j0 + 1);
       if (visible > 0) {
-        softmax_update(st, m, visible, head_dim);
+        softmax_update(st, m, visible, kKeyTile, head_dim);
       } else {
         for (int t = 0; t < kKeyTile; ++t) st.p[m * kKeyTile + t] = 0.0f;
       }
@@ -265,14 +280,15 @@ template <int M>
 struct HeadState {
   alignas(64) float q[M * kMaxHeadDim];
   alignas(64) float acc[M * kMaxHeadDim];
-  alignas(64) float p[M * kKeyTile];
+  alignas(64) float p[M * kDecodeChunk];
   float max[M];
   float sum[M];
   int last[M];
+  static constexpr int kScoreStride = kDecodeChunk;
 };
 
-// One decode row, KV heads [kv_head, kv_head_end): per tile, every head's keys of the same 16
-// tokens, so each token's whole K and V rows are read together.
+// One decode row, KV heads [kv_head, kv_head_end): per chunk of kDecodeChunk keys, every head's
+// keys of the same tokens, so each token's whole K and V rows are read within the chunk.
 template <class D, int M>
 void run_decode_heads(const AttentionArgs& args, const WorkItem& item) {
   using T = typename D::T;
@@ -298,20 +314,21 @@ void run_decode_heads(const AttentionArgs& args, const WorkItem& item) {
   const KeyRows<D> rows{static_cast<const T*>(args.k_cache), static_cast<const T*>(args.v_cache),
                         args.block_tables + item.seq * args.block_table_stride, token_stride,
                         int64_t(item.kv_head) * head_dim, args.block_size};
-  const T* key_rows[kKeyTile];
-  const T* value_rows[kKeyTile];
-  const T* keys[kKeyTile];
-  const T* values[kKeyTile];
-  for (int j0 = 0; j0 < num_keys; j0 += kKeyTile) {
-    const int count = min_int(kKeyTile, num_keys - j0);
+  const T* key_rows[kDecodeChunk];
+  const T* value_rows[kDecodeChunk];
+  const T* keys[kDecodeChunk];
+  const T* values[kDecodeChunk];
+  for (int j0 = 0; j0 < num_keys; j0 += kDecodeChunk) {
+    const int count = min_int(kDecodeChunk, num_keys - j0);
     rows.locate(j0, count, key_rows, value_rows);
     for (int h = 0; h < num_kv; ++h) {
       for (int t = 0; t < count; ++t) {
         keys[t] = key_rows[t] + h * head_dim;
         values[t] = value_rows[t] + h * head_dim;
       }
-      score_group<D, M>(heads[h], head_dim, keys, count);
-      for (int g = 0; g < M; ++g) softmax_update(heads[h], g, count, head_dim);
+      for (int t0 = 0; t0 < count; t0 += kKeyTile)
+        score_group<D, M>(heads[h], head_dim, keys + t0, min_int(kKeyTile, count - t0), t0);
+      for (int g = 0; g < M; ++g) softmax_update(heads[h], g, count, count, head_dim);
       accumulate_values_group<D, M>(heads[h], count, head_dim, values);
     }
   }
