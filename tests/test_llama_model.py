@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from worker_svc import model_store
 from worker_svc.attention_metadata import AttentionMetadata, positions_for
-from worker_svc.models.llama import LlamaForCausalLM
+from worker_svc.models.llama import LlamaForCausalLM, RMSNorm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -160,6 +160,17 @@ def test_tiny_random_model_matches_hf(name, seed):
     for n, tokens in seqs.items():
         ours_logits = torch.cat([first[n], second[n]])
         torch.testing.assert_close(ours_logits, hf_logits(hf, tokens), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_float32_rms_norm_is_bit_identical_to_hugging_faces_formula(seed, rows):
+    """The fused torch op the model uses in float32 must not change a single bit of HF's maths."""
+    generator = torch.Generator().manual_seed(seed)
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data = torch.randn(576, generator=generator)
+    x = torch.randn(rows, 576, generator=generator) * 3
+    hf = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+    assert torch.equal(norm(x), hf)
 
 
 def test_load_weights_names_unknown_and_missing():
