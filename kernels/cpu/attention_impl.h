@@ -272,9 +272,19 @@ template <class D, int M>
 void run_tiles_grouped(TileState& st, const KeyRows<D>& rows, int num_keys, int head_dim) {
   const typename D::T* keys[kKeyTile];
   const typename D::T* values[kKeyTile];
+  const typename D::T* ahead_keys[kKeyTile];
+  const typename D::T* ahead_values[kKeyTile];
+  const int row_bytes = head_dim * int(sizeof(typename D::T));
   for (int j0 = 0; j0 < num_keys; j0 += kKeyTile) {
     const int count = min_int(kKeyTile, num_keys - j0);
     rows.locate(j0, count, keys, values);
+    const int ahead = j0 + kPrefetchKeyTiles * kKeyTile;  // as in run_decode_heads
+    const int ahead_count = min_int(kKeyTile, num_keys - ahead);
+    if (ahead_count > 0) {
+      rows.locate(ahead, ahead_count, ahead_keys, ahead_values);
+      prefetch_rows<kL1>(ahead_keys, ahead_count, row_bytes);
+      prefetch_rows<kL2>(ahead_values, ahead_count, row_bytes);
+    }
     score_group<D, M>(st, head_dim, keys, count);
     for (int m = 0; m < M; ++m) {
       const int visible = min_int(count, st.last[m] - j0 + 1);
