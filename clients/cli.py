@@ -1,4 +1,4 @@
-"""The `omnibus` command: serve, scheduler, worker, generate, chat.
+"""The `omnibus` command: serve, scheduler, worker, keygen, generate, chat.
 
 `serve` runs the scheduler in this process and spawns its worker; `scheduler` and `worker` run one
 side alone (compose, multi-host). This module imports no torch: the worker is a child process.
@@ -40,11 +40,25 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the scheduler and its worker on this machine")
     _add_scheduler_flags(serve)
     _add_worker_flags(serve)
+    serve.add_argument("--max-worker-restarts", type=int, default=3,
+                       help="start a dead worker again at most N times within 10 minutes (requests resume "
+                            "where they were); past that exit 1 (default: %(default)s)")
     serve.set_defaults(run=_run_serve)
     scheduler = commands.add_parser("scheduler", help="run the scheduler alone; workers connect to it")
     _add_scheduler_flags(scheduler)
     scheduler.add_argument("--worker-bind", default="tcp://0.0.0.0:5557", help="ZeroMQ endpoint workers connect to")
+    scheduler.add_argument("--worker-keys", default=None, metavar="DIR",
+                           help="CURVE keys from `omnibus keygen DIR`: encrypt the worker link and accept only "
+                                "workers whose public key is in DIR/workers")
+    scheduler.add_argument("--insecure-worker-link", action="store_true",
+                           help="allow a --worker-bind other machines can reach without --worker-keys: anyone "
+                                "who reaches it can register as a worker (logged as a warning)")
     scheduler.set_defaults(run=_run_scheduler)
+    keygen = commands.add_parser("keygen", help="write CURVE key pairs for a scheduler and its workers")
+    keygen.add_argument("dir", metavar="DIR", help="directory for the keys (created with mode 0700)")
+    keygen.add_argument("--workers", type=int, default=1,
+                        help="worker key pairs, for ranks 0..N-1 (default: %(default)s); existing pairs are kept")
+    keygen.set_defaults(run=_run_keygen)
     commands.add_parser("worker", help="run one worker (flags: omnibus worker --help)")
     for name, chat in (("generate", False), ("chat", True)):
         client = commands.add_parser(name, help="stream a chat reply" if chat else "stream a completion")
@@ -89,7 +103,15 @@ def _add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fair-share-half-life-steps", type=int, default=1000,
                         help="half-life, in scheduler steps, of the served-token counts fair share compares "
                              "(default: %(default)s)")
+    parser.add_argument("--admission", default="immediate", choices=["immediate", "lifetime"],
+                        help="immediate: admit a request when its next blocks fit; lifetime: only if its "
+                             "forecast length (prompt + a quantile of observed output/max_tokens) fits beside "
+                             "the running requests' forecasts, which avoids preemptions but measured lower "
+                             "throughput (default: %(default)s)")
     parser.add_argument("--heartbeat-timeout", type=float, default=15.0, help="seconds without a worker heartbeat before it is declared dead")
+    parser.add_argument("--worker-restart-timeout", type=float, default=120.0,
+                        help="after losing its workers, keep requests (and queue new ones) this many seconds for "
+                             "a worker to register again; then they fail with UNAVAILABLE (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port on --host (0: off)")
     parser.add_argument("--stall-timeout", type=float, default=60.0,
                         help="health turns NOT_SERVING after this many seconds without a step while requests are unfinished")
@@ -206,6 +228,10 @@ def _tls_config(args: argparse.Namespace):
 def _serving_options(args: argparse.Namespace, model_dir: Path, **overrides):
     from scheduler_svc.app import ServingOptions
 
+    if getattr(args, "max_worker_restarts", 0) < 0:
+        raise SystemExit(f"omnibus: --max-worker-restarts must be >= 0, got {args.max_worker_restarts}")
+    if not args.worker_restart_timeout > 0:
+        raise SystemExit(f"omnibus: --worker-restart-timeout must be > 0, got {args.worker_restart_timeout}")
     return ServingOptions(
         model_dir=model_dir,
         model_id=Path(args.model).stem if args.model != DEFAULT_MODEL else DEFAULT_MODEL,
@@ -220,10 +246,13 @@ def _serving_options(args: argparse.Namespace, model_dir: Path, **overrides):
         tenant_weights=_tenant_weights(args),
         priority_preemption_guard_steps=args.priority_preemption_guard_steps,
         fair_share_half_life_steps=args.fair_share_half_life_steps,
+        admission=args.admission,
         enable_prefix_caching=not args.no_prefix_caching,
         priority_aging_s=args.priority_aging_s,
         preemption_mode=args.preemption_mode,
         heartbeat_timeout_s=args.heartbeat_timeout,
+        worker_restart_timeout_s=args.worker_restart_timeout,
+        max_worker_restarts=getattr(args, "max_worker_restarts", 0),  # a scheduler alone spawns none
         metrics_port=args.metrics_port or None,
         tls=_tls_config(args),
         stall_timeout_s=args.stall_timeout,
@@ -262,25 +291,64 @@ def _request_limits(args: argparse.Namespace):
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from scheduler_svc.worker_link_security import private_worker_endpoint
+
     _tls_config(args)  # a flag mistake should fail before the model is prepared
     model_dir = prepare_model_dir(args.model)
 
     def spawn(endpoint: str) -> list[subprocess.Popen]:
         return [subprocess.Popen(worker_command(args, endpoint, model_dir))]
 
-    return asyncio.run(_serve_until_signal(_serving_options(args, model_dir), spawn))
+    # The worker is ours and local: an ipc socket only this user can open keeps others off the link.
+    with private_worker_endpoint() as worker_bind:
+        return asyncio.run(_serve_until_signal(_serving_options(args, model_dir, worker_bind=worker_bind), spawn))
 
 
 def _run_scheduler(args: argparse.Namespace) -> int:
     _tls_config(args)
+    worker_keys = _worker_link(args)
     model_dir = prepare_model_dir(args.model)
-    options = _serving_options(args, model_dir, worker_bind=args.worker_bind)
+    options = _serving_options(args, model_dir, worker_bind=args.worker_bind, worker_keys=worker_keys,
+                               insecure_worker_link=args.insecure_worker_link)
     return asyncio.run(_serve_until_signal(options, None))
 
 
+def _worker_link(args: argparse.Namespace) -> Path | None:
+    """Check the worker link's keys and bind before the model is prepared; the keys' directory."""
+    from scheduler_svc.worker_link_security import WorkerLinkError, load_scheduler_keys, worker_bind_refusal
+
+    worker_keys = None if args.worker_keys is None else Path(args.worker_keys)
+    refusal = worker_bind_refusal(args.worker_bind, worker_keys is not None, args.insecure_worker_link)
+    if refusal is not None:
+        raise SystemExit(f"omnibus: {refusal}")
+    try:
+        if worker_keys is not None:
+            load_scheduler_keys(worker_keys)
+    except WorkerLinkError as error:
+        raise SystemExit(f"omnibus: {error}") from None
+    return worker_keys
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    from scheduler_svc.worker_link_security import WorkerLinkError, generate_keys
+
+    try:
+        result = generate_keys(Path(args.dir), args.workers)
+    except WorkerLinkError as error:
+        raise SystemExit(f"omnibus: {error}") from None
+    for path in result.written:
+        print(f"wrote {path}")
+    for path in result.kept:
+        print(f"kept  {path}")
+    print(f"scheduler: --worker-keys {args.dir}; a worker of rank r needs {args.dir}/scheduler.key and "
+          f"{args.dir}/workers/worker-<r>.key_secret, in the same layout, then --worker-keys DIR")
+    return 0
+
+
 async def _serve_until_signal(options, spawn) -> int:
-    """Serve until SIGTERM/SIGINT (drain, exit 0) or until the engine dies (exit 1, so that a
-    supervisor restarts us and the workers rather than leave a replica NOT_SERVING forever)."""
+    """Serve until SIGTERM/SIGINT (drain, exit 0) or until the engine dies (exit 1: the worker died
+    more often than --max-worker-restarts allows, or a bug; a supervisor restarts us and the
+    workers rather than leave a replica NOT_SERVING forever)."""
     from scheduler_svc.app import ServingApp
 
     log = logging.getLogger("omnibus")

@@ -15,7 +15,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from gateway_svc import streaming, translate
+from gateway_svc import streaming, structured_output, translate
 from gateway_svc.config import GatewayConfig
 from gateway_svc.errors import OpenAIError, from_rpc_error, install_error_handlers
 from gateway_svc.limits import LimitsMiddleware
@@ -70,8 +70,10 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     request_id = request_id_of(request)
     body.check()
     model = await _upstream(request).served_model(body.model)
-    fmt = CompletionFormat(f"cmpl-{request_id}", model, int(time.time()), body.return_token_ids)
-    return await _generate(request, body, translate.completion_request(body, request_id), fmt)
+    fmt = CompletionFormat(f"cmpl-{request_id}", model, int(time.time()), body.return_token_ids, body.n or 1,
+                           logprobs=body.logprobs is not None)
+    return await _generate(request, body, translate.completion_request(body, request_id), fmt,
+                           structured_output.renames(body))
 
 
 @router.post("/v1/chat/completions")
@@ -79,8 +81,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     request_id = request_id_of(request)
     body.check()
     model = await _upstream(request).served_model(body.model)
-    fmt = ChatFormat(f"chatcmpl-{request_id}", model, int(time.time()), body.return_token_ids)
-    return await _generate(request, body, translate.chat_request(body, request_id), fmt, translate.chat_renames(body))
+    fmt = ChatFormat(f"chatcmpl-{request_id}", model, int(time.time()), body.return_token_ids, body.n or 1,
+                     logprobs=body.logprobs)
+    return await _generate(request, body, translate.chat_request(body, request_id), fmt,
+                           {**translate.chat_renames(body), **structured_output.renames(body)})
 
 
 async def _generate(request: Request, body: GenerateBody, message: pb.GenerateRequest, fmt: ResponseFormat,
@@ -91,7 +95,7 @@ async def _generate(request: Request, body: GenerateBody, message: pb.GenerateRe
     try:
         async with cancel_on_disconnect(request, call):
             if not body.stream:
-                return JSONResponse(fmt.full(await collect(call)), headers=echo_headers(request))
+                return JSONResponse(fmt.full(await collect(call, fmt.n)), headers=echo_headers(request))
             first = await call.read()
     except grpc.aio.AioRpcError as error:
         raise from_rpc_error(error, renames) from None

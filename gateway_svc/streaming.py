@@ -9,7 +9,7 @@ import grpc
 
 from gateway_svc.errors import OpenAIError, from_rpc_error
 from gateway_svc.responses import ResponseFormat
-from gateway_svc.translate import finish_reason
+from gateway_svc.translate import finish_reason, total_usage
 from omnibus.v1 import generation_pb2 as pb
 
 DONE = "data: [DONE]\n\n"
@@ -33,19 +33,19 @@ async def sse_events(
     try:
         for chunk in fmt.opening():
             yield sse(chunk)
-        response, last = first, None
+        response, finished = first, {}  # choice index -> its usage
         while response is not grpc.aio.EOF:
-            if response.text or (fmt.return_token_ids and response.token_ids):
-                yield sse(fmt.delta(response.text, list(response.token_ids)))
+            if response.text or (response.token_ids and (fmt.return_token_ids or fmt.logprobs)):
+                yield sse(fmt.delta(response))
             reason = finish_reason(response)
             if reason is not None:
-                last = response
-                yield sse(fmt.finish(reason))
+                finished[response.index] = response.usage
+                yield sse(fmt.finish(response.index, reason))
             response = await call.read()
-        if last is None:
+        if len(finished) != fmt.n:
             raise OpenAIError(500, "the generation stream ended without a finish reason", type="server_error")
         if include_usage:
-            yield sse(fmt.usage_chunk(last.usage))
+            yield sse(fmt.usage_chunk(total_usage([finished[i] for i in sorted(finished)])))
         yield DONE
     except grpc.aio.AioRpcError as error:
         yield sse(from_rpc_error(error).body())

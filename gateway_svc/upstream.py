@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients.client import tls_credentials
 from gateway_svc.config import GatewayConfig
 from gateway_svc.errors import ClientGone, OpenAIError, from_rpc_error
-from gateway_svc.translate import Generation
+from gateway_svc.translate import Generations
 from omnibus.v1 import generation_pb2 as pb
 from omnibus.v1 import generation_pb2_grpc as pb_grpc
 
@@ -76,14 +76,14 @@ class Upstream:
         await self.channel.close()
 
 
-async def collect(call: grpc.aio.UnaryStreamCall) -> Generation:
-    """Read a whole generation (raises AioRpcError when the call fails)."""
-    generation = Generation()
+async def collect(call: grpc.aio.UnaryStreamCall, n: int = 1) -> Generations:
+    """Read the `n` whole generations of a call (raises AioRpcError when the call fails)."""
+    generations = Generations(n)
     while (response := await call.read()) is not grpc.aio.EOF:
-        generation.add(response)
-    if generation.finish_reason is None:
+        generations.add(response)
+    if not generations.finished:
         raise OpenAIError(500, "the generation stream ended without a finish reason", type="server_error")
-    return generation
+    return generations
 
 
 @contextlib.asynccontextmanager

@@ -1,9 +1,13 @@
 """The scheduler process: gRPC server up first, then workers register, then the engine serves.
 
-Health (overall and `omnibus.v1.Generation`) is SERVING only while every worker has registered,
+Health (overall and `omnibus.v1.Generation`) is SERVING only while every worker is registered,
 the engine is alive, the app is not draining, and the engine is not stalled (requests unfinished
-but no step completed for `stall_timeout_s`). A dead worker ends requests in flight with
-UNAVAILABLE; a drain lets them finish first.
+but no step completed for `stall_timeout_s`). A drain lets requests in flight finish first.
+
+A dead worker ends no request (engine.py resumes them). With workers it spawned (`omnibus serve`)
+the app starts a dead one again, at most `max_worker_restarts` times in 10 minutes; past that, or if
+a restarted worker does not register within `worker_restart_timeout_s`, the engine dies (requests
+end with UNAVAILABLE, `dead` is set and the CLI exits 1). A scheduler alone waits for its workers.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from scheduler_svc.engine import Engine
 from scheduler_svc.metrics import ServingMetrics
 from scheduler_svc.proto_convert import ModelLimits
 from scheduler_svc.protocol import WorkerHello
+from scheduler_svc.restart_budget import RestartBudget
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.server import GenerationService, HealthReporter, build_server
 from scheduler_svc.tls import TlsConfig, server_credentials
 from scheduler_svc.tokenizer import ModelTokenizer
 from scheduler_svc.worker_group import WorkerGroup
+from scheduler_svc.worker_link_security import load_scheduler_keys
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +46,10 @@ class ServingOptions:
     host: str = "127.0.0.1"
     port: int = 50051
     worker_bind: str = "tcp://127.0.0.1:0"  # port 0: pick a free port (workers we spawn are told)
+    # CURVE keys (omnibus keygen): only workers whose public key is there may register. Without
+    # them a worker_bind other machines can reach is refused unless insecure_worker_link.
+    worker_keys: Path | None = None
+    insecure_worker_link: bool = False
     world_size: int = 1
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
@@ -50,6 +60,7 @@ class ServingOptions:
     tenant_weights: dict[str, float] = field(default_factory=dict)  # fair share; unlisted weigh 1
     priority_preemption_guard_steps: int = 16
     fair_share_half_life_steps: int = 1000
+    admission: str = "immediate"  # immediate | lifetime (see SchedulerConfig)
     enable_prefix_caching: bool = True
     priority_aging_s: float = 10.0  # seconds of waiting worth one priority level
     preemption_mode: str = "auto"  # auto | recompute | swap (see SchedulerConfig)
@@ -58,6 +69,11 @@ class ServingOptions:
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     tls: TlsConfig | None = None  # None: plain-text gRPC
     stall_timeout_s: float = 60.0  # no step for this long with requests unfinished: NOT_SERVING
+    # Workers we spawned that die are started again, at most this many times in 10 minutes.
+    max_worker_restarts: int = 3
+    # Requests are kept this long after losing the workers; then they fail with UNAVAILABLE
+    # (and a spawned worker that has not registered again counts as failed to restart).
+    worker_restart_timeout_s: float = 120.0
     drain_timeout_s: float = 30.0  # how long a drain lets requests in flight finish
     # Lame-duck period at the start of a drain: readiness is NOT_SERVING but new requests are
     # still served, so a load balancer's health check can take us out of rotation first.
@@ -82,13 +98,19 @@ class ServingApp:
         self.server, self.health, self.port = build_server(
             self.service, f"{options.host}:{options.port}", credentials, options.max_request_bytes
         )
-        self.workers = WorkerGroup(options.worker_bind, options.world_size, options.heartbeat_timeout_s)
+        keys = None if options.worker_keys is None else load_scheduler_keys(options.worker_keys)
+        self.workers = WorkerGroup(options.worker_bind, options.world_size, options.heartbeat_timeout_s,
+                                   keys=keys, insecure=options.insecure_worker_link)
         self.engine: Engine | None = None
         self._health_task: asyncio.Task | None = None
         self._stalled = False
         self._stopped = False
         self._lame_duck = False
-        self.dead = asyncio.Event()  # set when the engine dies (a worker failed)
+        self.dead = asyncio.Event()  # set when the engine dies (workers gone for good, or a bug)
+        self._restart_budget = RestartBudget(options.max_worker_restarts)
+        self._spawn_workers: WorkerSpawner | None = None
+        self._spawned: list[subprocess.Popen] = []
+        self._restart_task: asyncio.Task | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -107,7 +129,7 @@ class ServingApp:
             and not self._lame_duck
             and not self.service.draining
             and engine.dead_reason is None
-            and self.workers.dead_reason is None  # a worker died while the engine idled
+            and self.workers.is_registered  # no worker death since they last all registered
             and not engine.is_stalled(self.options.stall_timeout_s)
         )
 
@@ -124,11 +146,13 @@ class ServingApp:
                     self.options.world_size, self.workers.endpoint)
         await self.workers.start()
         if spawn_workers is not None:
-            for process in spawn_workers(self.workers.endpoint):
-                self.workers.watch_process(process)
+            self._spawn_workers = spawn_workers
+            self._spawn()
         hellos = await self.workers.wait_registered(self.options.registration_timeout_s)
         self._start_engine(hellos)
         self._health_task = asyncio.create_task(self._watch_health(), name="health-watch")
+        if spawn_workers is not None:
+            self._restart_task = asyncio.create_task(self._restart_dead_workers(), name="worker-restarts")
         await self.refresh_health()
         logger.info("ready: serving %s on %s:%d", self.options.model_id, self.options.host, self.port)
 
@@ -161,6 +185,8 @@ class ServingApp:
         await self.health.set(False)
         if self._health_task is not None:
             self._health_task.cancel()
+        if self._restart_task is not None:
+            self._restart_task.cancel()
         if self.engine is not None:
             await self.engine.stop()  # fails what is left, so handlers answer before the server stops
         await self.server.stop(grace_s)  # lets handlers send their last message
@@ -189,9 +215,56 @@ class ServingApp:
             elif self._stalled and not stalled:
                 logger.info("engine is making progress again")
             self._stalled = stalled
-            if self.workers.dead_reason is not None:
-                self.dead.set()  # WorkerGroup has logged why
             await self.refresh_health()
+
+    def _spawn(self) -> None:
+        self._spawned = self._spawn_workers(self.workers.endpoint)
+        for process in self._spawned:
+            self.workers.watch_process(process)
+
+    async def _restart_dead_workers(self) -> None:
+        """Start the spawned workers again after each death, within the budget (module docstring)."""
+        seen = self.workers.num_deaths
+        while True:
+            if self.workers.num_deaths == seen or self.workers.is_registered:
+                seen = self.workers.num_deaths
+                await self.workers.wait_change(None)
+                continue
+            seen = self.workers.num_deaths
+            reason = self.workers.dead_reason
+            if not self._restart_budget.take():
+                self._give_up(f"{reason}; the worker was already restarted {self.options.max_worker_restarts} "
+                              f"time(s) within {self._restart_budget.window_s / 60:.0f} minutes")
+                return
+            await self._kill_spawned()
+            self._spawn()
+            self.metrics.count_worker_restart()
+            logger.warning("restarting the worker (pid %s) after: %s", [p.pid for p in self._spawned], reason)
+            if not await self._registered_or_died_again(seen):
+                self._give_up(f"the restarted worker did not register within "
+                              f"{self.options.worker_restart_timeout_s:.0f} s (after: {reason})")
+                return
+
+    async def _registered_or_died_again(self, deaths: int) -> bool:
+        """Wait for the restarted workers to register or die; False if neither happened in time."""
+        deadline = asyncio.get_running_loop().time() + self.options.worker_restart_timeout_s
+        while not self.workers.is_registered and self.workers.num_deaths == deaths:
+            if not await self.workers.wait_change(deadline - asyncio.get_running_loop().time()):
+                return False
+        return True
+
+    async def _kill_spawned(self) -> None:
+        """Make sure no earlier worker lives on (one gone silent still holds its identity)."""
+        for process in self._spawned:
+            self.workers.unwatch_process(process)
+            if process.poll() is None:
+                process.kill()
+            await asyncio.to_thread(process.wait, 10)
+
+    def _give_up(self, reason: str) -> None:
+        logger.error("giving up on the workers: %s", reason)
+        if self.engine is not None:
+            self.engine.die(reason)
 
     def _start_engine(self, hellos: list[WorkerHello]) -> None:
         first = hellos[0]
@@ -209,6 +282,7 @@ class ServingApp:
             tenant_weights=dict(self.options.tenant_weights),
             priority_preemption_guard_steps=self.options.priority_preemption_guard_steps,
             fair_share_half_life_steps=self.options.fair_share_half_life_steps,
+            admission=self.options.admission,
             enable_prefix_caching=self.options.enable_prefix_caching,
             priority_aging_s=self.options.priority_aging_s,
             preemption_mode=self.options.preemption_mode,
@@ -216,8 +290,11 @@ class ServingApp:
             kv_bytes_per_block=first.kv_bytes_per_block,
             swap_bytes_per_s=min(h.swap_bytes_per_s for h in hellos),
         )
+        scheduler = Scheduler(config)
+        scheduler.length_forecast.on_outcome = self.metrics.observe_admission_forecast
         self.engine = Engine(
-            Scheduler(config), self.workers, self.tokenizer, on_dead=self._on_engine_dead, metrics=self.metrics
+            scheduler, self.workers, self.tokenizer, on_dead=self._on_engine_dead, metrics=self.metrics,
+            worker_restart_timeout_s=self.options.worker_restart_timeout_s,
         )
         limits = ModelLimits(
             vocab_size=first.vocab_size,

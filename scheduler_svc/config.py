@@ -54,6 +54,12 @@ class SchedulerConfig:
     # Fair share counts a tenant's served tokens with this half-life, in scheduler steps.
     fair_share_half_life_steps: int = 1000
     tenant_weights: dict[str, float] = field(default_factory=dict)  # unlisted tenants weigh 1
+    # When a waiting request may be admitted: "immediate" (its next blocks fit) or "lifetime"
+    # (length_forecast.py: its forecast total length, beside the running requests' forecast growth,
+    # must fit the pool with the watermark to spare; with nothing running the head is admitted
+    # anyway). Immediate is the default: it measured better (docs/benchmarks.md, SLA tiers).
+    admission: str = "immediate"
+    admission_quantile: float = 0.5  # the quantile of observed output / max_tokens forecasts use
 
     def __post_init__(self) -> None:
         for name in (
@@ -76,6 +82,10 @@ class SchedulerConfig:
             raise ValueError(
                 f"priority_preemption_guard_steps must be an integer >= 0, got {self.priority_preemption_guard_steps!r}"
             )
+        if self.admission not in ("lifetime", "immediate"):
+            raise ValueError(f"admission must be lifetime or immediate, got {self.admission!r}")
+        if not 0.0 < self.admission_quantile <= 1.0:
+            raise ValueError(f"admission_quantile must be in (0, 1], got {self.admission_quantile!r}")
         if self.preemption_mode not in ("auto", "recompute", "swap"):
             raise ValueError(f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")
         if self.num_swap_blocks < 0:

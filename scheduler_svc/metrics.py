@@ -73,6 +73,15 @@ class ServingMetrics:
             "requests without one as \"default\", so the label set stays bounded.",
             labelnames=["priority", "tenant"], buckets=_LATENCY_BUCKETS, registry=r)
         self.known_tenants: frozenset[str] = frozenset()  # the tenants with their own label
+        self.admission_forecast_ratio = Histogram(
+            "omnibus_admission_forecast_ratio",
+            "Per finished request (not aborted): its actual length (prompt + output tokens) over the "
+            "length forecast at its first admission (1: exact; above 1: the forecast fell short).",
+            buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0), registry=r)
+        self.admission_forecast_tokens = Counter(
+            "omnibus_admission_forecast_tokens", "Forecast lengths of finished requests, summed.", registry=r)
+        self.admission_actual_tokens = Counter(
+            "omnibus_admission_actual_tokens", "Actual lengths of the same requests, summed.", registry=r)
         self._seen_preemptions = {"memory": 0, "priority": 0}
         self.swap_outs = Counter(
             "omnibus_swap_outs", "Preemptions that swapped the victim's KV blocks to CPU memory.", registry=r)
@@ -80,6 +89,16 @@ class ServingMetrics:
             "omnibus_prompt_tokens", "Prompt tokens of requests, counted when first scheduled.", registry=r)
         self.generation_tokens = Counter(
             "omnibus_generation_tokens", "Tokens generated and streamed to clients.", registry=r)
+        self.worker_restarts = Counter(
+            "omnibus_worker_restarts", "Worker processes `omnibus serve` started again after one died.", registry=r)
+        self.resumed_requests = Counter(
+            "omnibus_resumed_requests",
+            "Requests whose K/V was lost with a worker (or a failed step) and that resume by recompute.",
+            registry=r)
+        self.quarantined_requests = Counter(
+            "omnibus_quarantined_requests",
+            "Requests failed alone (INTERNAL) for being in the batch of two consecutive failed steps.",
+            registry=r)
         self.request_outcomes = Counter(
             "omnibus_requests", "Generate calls by the gRPC status code they ended with.",
             labelnames=["code"], registry=r)
@@ -122,6 +141,12 @@ class ServingMetrics:
             self.preemptions_by_cause.labels(cause=cause).inc(count - self._seen_preemptions.get(cause, 0))
             self._seen_preemptions[cause] = count
 
+    def observe_admission_forecast(self, forecast_tokens: int, actual_tokens: int) -> None:
+        """A request finished `actual_tokens` long; admission had forecast `forecast_tokens`."""
+        self.admission_forecast_ratio.observe(actual_tokens / forecast_tokens)
+        self.admission_forecast_tokens.inc(forecast_tokens)
+        self.admission_actual_tokens.inc(actual_tokens)
+
     def _tenant_label(self, tenant: str) -> str:
         if not tenant:
             return "default"
@@ -151,6 +176,15 @@ class ServingMetrics:
         self.prefix_cache_queried_tokens.inc(stats.num_queried_tokens - self._seen_queried_tokens)
         self.prefix_cache_hit_tokens.inc(stats.num_hit_tokens - self._seen_hit_tokens)
         self._seen_queried_tokens, self._seen_hit_tokens = stats.num_queried_tokens, stats.num_hit_tokens
+
+    def count_worker_restart(self) -> None:
+        self.worker_restarts.inc()
+
+    def count_resumed(self, num_requests: int) -> None:
+        self.resumed_requests.inc(num_requests)
+
+    def count_quarantined(self) -> None:
+        self.quarantined_requests.inc()
 
     def count_outcome(self, code_name: str) -> None:
         """One Generate call ended with this gRPC status code name ("OK", "UNAVAILABLE", ...)."""

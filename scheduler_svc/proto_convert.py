@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from omnibus.v1 import generation_pb2 as pb
 from scheduler_svc.config import RequestLimits
+from scheduler_svc.protocol import TokenLogprobs
 from scheduler_svc.request import RequestStatus, SamplingParams
 from scheduler_svc.tokenizer import ChatTurn, ModelTokenizer
 
@@ -36,6 +38,11 @@ class ModelLimits:
 
 
 MAX_CACHE_SALT_LENGTH = 256
+MAX_PARALLEL_SAMPLES = 64  # GenerateRequest.n
+MAX_LOGPROBS = 20  # top alternatives per token, OpenAI's bound
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_ABS_LOGIT_BIAS = 100.0  # OpenAI's bound
+MAX_ABS_OPENAI_PENALTY = 2.0  # presence and frequency penalties, OpenAI's bound
 MAX_TENANT_LENGTH = 256  # tenants are also kept in the fair-share table while active
 
 
@@ -47,6 +54,7 @@ class ParsedRequest:
     priority: int = 0
     cache_salt: str = ""
     tenant: str = ""  # "" is the shared default tenant
+    n: int = 1  # independent samples of the prompt
 
 
 @dataclass(slots=True, frozen=True)
@@ -67,7 +75,8 @@ def parse_generate_request(
     prompt_token_ids = _prompt_token_ids(request, tokenizer, limits)
     sampling = _sampling_params(request.sampling, len(prompt_token_ids), limits)
     return ParsedRequest(
-        request.request_id, prompt_token_ids, sampling, request.priority, request.cache_salt, request.tenant
+        request.request_id, prompt_token_ids, sampling, request.priority, request.cache_salt, request.tenant,
+        n=request.n or 1,
     )
 
 
@@ -91,6 +100,11 @@ def check_generate_request(request: pb.GenerateRequest, limits: ModelLimits) -> 
         raise InvalidArgument("cache_salt", f"at most {MAX_CACHE_SALT_LENGTH} characters, got {len(request.cache_salt)}")
     if len(request.tenant) > MAX_TENANT_LENGTH:
         raise InvalidArgument("tenant", f"at most {MAX_TENANT_LENGTH} characters, got {len(request.tenant)}")
+    if request.n > MAX_PARALLEL_SAMPLES:
+        raise InvalidArgument("n", f"must be in [1, {MAX_PARALLEL_SAMPLES}] (0 means 1), got {request.n}")
+    if len(request.sampling.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidArgument("sampling.logit_bias",
+                              f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(request.sampling.logit_bias)}")
 
 
 def check_tokenize_request(request: pb.TokenizeRequest, bounds: RequestLimits) -> None:
@@ -217,6 +231,12 @@ def _sampling_params(sampling: pb.SamplingParams, num_prompt_tokens: int, limits
     bad_stop = next((t for t in sampling.stop_token_ids if t >= limits.vocab_size), None)
     if bad_stop is not None:
         raise InvalidArgument("sampling.stop_token_ids", f"token id {bad_stop} is not below the vocabulary size {limits.vocab_size}")
+    min_tokens = sampling.min_tokens if sampling.HasField("min_tokens") else 0
+    if min_tokens > max_tokens:
+        raise InvalidArgument("sampling.min_tokens", f"must not exceed max_tokens ({max_tokens}), got {min_tokens}")
+    logprobs = sampling.logprobs if sampling.HasField("logprobs") else None
+    if logprobs is not None and logprobs > MAX_LOGPROBS:
+        raise InvalidArgument("sampling.logprobs", f"must be in [0, {MAX_LOGPROBS}], got {logprobs}")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -227,7 +247,44 @@ def _sampling_params(sampling: pb.SamplingParams, num_prompt_tokens: int, limits
         # A set: the scheduler checks every sampled token against it.
         stop_token_ids=frozenset(sampling.stop_token_ids),
         ignore_eos=sampling.ignore_eos,
+        min_p=_bounded(sampling, "min_p", 0.0, 0.0, 1.0),
+        presence_penalty=_bounded(sampling, "presence_penalty", 0.0, -MAX_ABS_OPENAI_PENALTY, MAX_ABS_OPENAI_PENALTY),
+        frequency_penalty=_bounded(sampling, "frequency_penalty", 0.0, -MAX_ABS_OPENAI_PENALTY, MAX_ABS_OPENAI_PENALTY),
+        repetition_penalty=_repetition_penalty(sampling),
+        logit_bias=_logit_bias(sampling, limits.vocab_size),
+        min_tokens=min_tokens,
+        logprobs=logprobs,
     )
+
+
+def _bounded(sampling: pb.SamplingParams, name: str, default: float, low: float, high: float) -> float:
+    """An optional float field, checked to be finite and in [low, high]."""
+    if not sampling.HasField(name):
+        return default
+    value = getattr(sampling, name)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidArgument(f"sampling.{name}", f"must be in [{low:g}, {high:g}], got {value}")
+    return value
+
+
+def _repetition_penalty(sampling: pb.SamplingParams) -> float:
+    if not sampling.HasField("repetition_penalty"):
+        return 1.0
+    value = sampling.repetition_penalty
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidArgument("sampling.repetition_penalty", f"must be a finite number > 0 (1 = off), got {value}")
+    return value
+
+
+def _logit_bias(sampling: pb.SamplingParams, vocab_size: int) -> dict[int, float]:
+    for token_id, bias in sampling.logit_bias.items():
+        if token_id >= vocab_size:
+            raise InvalidArgument("sampling.logit_bias",
+                                  f"token id {token_id} is not below the vocabulary size {vocab_size}")
+        if not (math.isfinite(bias) and abs(bias) <= MAX_ABS_LOGIT_BIAS):
+            raise InvalidArgument("sampling.logit_bias", f"bias of token {token_id} must be in "
+                                                         f"[-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}], got {bias}")
+    return dict(sampling.logit_bias)
 
 
 def finish_reason(status: RequestStatus | None) -> int:
@@ -244,10 +301,20 @@ def generate_response(
     text: str,
     status: RequestStatus | None,
     usage: TokenUsage | None,
+    index: int = 0,
+    logprobs: list[TokenLogprobs] | None = None,
+    token_text: Callable[[int], str] = str,
 ) -> pb.GenerateResponse:
+    """One stream message; `token_text` names a token in its logprobs (the tokenizer's decoding)."""
     response = pb.GenerateResponse(
-        request_id=request_id, token_ids=token_ids, text=text, finish_reason=finish_reason(status)
+        request_id=request_id, token_ids=token_ids, text=text, finish_reason=finish_reason(status), index=index
     )
+    for token_id, token_logprobs in zip(token_ids, logprobs or ()):
+        entry = response.logprobs.add()
+        entry.sampled.token_id, entry.sampled.logprob = token_id, token_logprobs.sampled
+        entry.sampled.token = token_text(token_id)
+        for top_id, top_logprob in zip(token_logprobs.top_token_ids, token_logprobs.top_logprobs):
+            entry.top.add(token_id=top_id, logprob=top_logprob, token=token_text(top_id))
     if usage is not None:
         response.usage.prompt_tokens = usage.prompt_tokens
         response.usage.completion_tokens = usage.completion_tokens

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class SamplingOptions(msgspec.Struct, frozen=True, array_like=True):
@@ -26,6 +26,14 @@ class SamplingOptions(msgspec.Struct, frozen=True, array_like=True):
     top_p: float = 1.0  # (0, 1]
     top_k: int = 0  # 0 means no limit
     seed: int | None = None  # per-request seed: same seed, same output
+    min_p: float = 0.0  # [0, 1]; 0 means off
+    presence_penalty: float = 0.0  # over generated tokens
+    frequency_penalty: float = 0.0  # over generated tokens, per occurrence
+    repetition_penalty: float = 1.0  # over prompt and generated tokens; 1 means off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the raw logits
+    min_tokens: int = 0  # `min_tokens_stop_ids` are masked until this many tokens are generated
+    min_tokens_stop_ids: tuple[int, ...] = ()  # EOS (unless ignore_eos) and the stop token ids
+    logprobs: int | None = None  # top alternatives to return with each token's logprob; None: none
 
 
 class NewRequest(msgspec.Struct, array_like=True):
@@ -37,6 +45,8 @@ class NewRequest(msgspec.Struct, array_like=True):
     num_computed_tokens: int  # tokens whose K/V are already in the cache (prefix hits)
     num_new_tokens: int  # tokens to compute in this step, starting at num_computed_tokens
     sampling: SamplingOptions
+    # Leading token_ids that are the prompt (penalties tell it from the output); None: all of them.
+    num_prompt_tokens: int | None = None
 
 
 class CachedRequest(msgspec.Struct, array_like=True):
@@ -46,6 +56,17 @@ class CachedRequest(msgspec.Struct, array_like=True):
     new_block_ids: list[int]  # appended to the worker's block table for this request
     num_computed_tokens: int  # the scheduler's count before this step (the worker checks it)
     num_new_tokens: int
+
+
+class TokenMask(msgspec.Struct, array_like=True):
+    """The tokens one request may sample in this step (structured output, see structured_output.py).
+
+    `allowed` packs one bit per token id, little-endian: token t is allowed iff bit t % 8 of byte
+    t // 8 is set. Token ids past the last bit are not allowed.
+    """
+
+    req_id: str
+    allowed: bytes
 
 
 class StepPlan(msgspec.Struct, tag="plan", array_like=True):
@@ -63,6 +84,8 @@ class StepPlan(msgspec.Struct, tag="plan", array_like=True):
     # before the forward pass, so a block swapped out may be reused by this very step.
     swap_out: list[tuple[int, int]] = msgspec.field(default_factory=list)
     swap_in: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    # Only for the constrained requests that sample in this step; the others sample freely.
+    token_masks: list[TokenMask] = msgspec.field(default_factory=list)
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -101,6 +124,15 @@ class WorkerHello(msgspec.Struct, tag="hello", array_like=True):
     swap_bytes_per_s: float = 0.0  # measured device -> CPU -> device copy rate, one direction
 
 
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """Log-probabilities of one sampled token and of the most likely alternatives (fp32, from
+    the raw logits). Only these cross the socket, never a vocab-sized row."""
+
+    sampled: float
+    top_token_ids: list[int]  # most likely first
+    top_logprobs: list[float]
+
+
 class StepResult(msgspec.Struct, tag="result", array_like=True):
     """Sampled tokens of one step, parallel lists in batch order."""
 
@@ -109,6 +141,8 @@ class StepResult(msgspec.Struct, tag="result", array_like=True):
     req_ids: list[str]
     token_ids: list[int]
     execute_time_s: float  # worker time spent on this plan (input prep + forward + sampling)
+    # Parallel to token_ids (None where a request asked for none); empty when no request did.
+    logprobs: list[TokenLogprobs | None] = msgspec.field(default_factory=list)
 
 
 class Heartbeat(msgspec.Struct, tag="heartbeat", array_like=True):

@@ -38,6 +38,13 @@ class SamplingParams:
     # A set: the scheduler tests every sampled token against it (O(1) whatever its size).
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 means off
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0  # EOS and stop token ids are masked until this many tokens exist
+    logprobs: int | None = None  # top alternatives returned with each token's logprob
 
     def __post_init__(self) -> None:
         self.stop_token_ids = frozenset(self.stop_token_ids)
@@ -49,11 +56,25 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.min_tokens < 0 or (self.logprobs is not None and self.logprobs < 0):
+            raise ValueError(f"min_tokens and logprobs must be >= 0, got {self.min_tokens}, {self.logprobs}")
 
-    def to_options(self) -> SamplingOptions:
+    def to_options(self, eos_token_ids: frozenset[int] = frozenset()) -> SamplingOptions:
         """The part of the parameters the worker needs to sample a token."""
+        min_tokens_stop_ids: tuple[int, ...] = ()
+        if self.min_tokens:
+            masked = self.stop_token_ids if self.ignore_eos else self.stop_token_ids | eos_token_ids
+            min_tokens_stop_ids = tuple(sorted(masked))
         return SamplingOptions(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+            min_p=self.min_p, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            logit_bias=tuple(sorted(self.logit_bias.items())), min_tokens=self.min_tokens,
+            min_tokens_stop_ids=min_tokens_stop_ids, logprobs=self.logprobs,
         )
 
 
@@ -89,6 +110,10 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    def sampling_options(self) -> SamplingOptions:
+        """What the worker samples this request's tokens with (min_tokens masks its EOS too)."""
+        return self.sampling_params.to_options(self.eos_token_ids)
 
     @property
     def num_output_tokens(self) -> int:

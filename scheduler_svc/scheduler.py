@@ -18,6 +18,13 @@ preemption victim: the lowest-priority, latest arrival. Who is admitted next is 
 priority level); admission never skips that request (one that does not fit blocks those behind
 it), so large requests are not starved by small ones.
 
+Admission (`SchedulerConfig.admission`): "immediate" admits the head when its next blocks fit
+(leaving the watermark free while others run). "lifetime" also asks that the pool carry it to its
+end: the blocks the running requests are forecast to grow into (length_forecast.py) plus the
+blocks of the newcomer's forecast length must fit the free ones with the watermark to spare. With
+nothing running the head is admitted whatever its forecast, so the pool is never left idle, and
+a request that priority preemption made room for is admitted without it (its victims are gone).
+
 Preemptive priorities (policies priority and sjf): before the running requests are served, if the
 request to admit next outranks running ones (a strictly lower priority value, and an earlier aged
 key) and the sequence cap, the token budget or the KV pool leaves it no room this step, the fewest
@@ -36,6 +43,11 @@ changes one decision, who may be admitted: once the previous batch has wholly fi
 `max_num_seqs` waiting requests become the batch, and only its members are admitted (in one step
 if the budget allows, else over the next steps, in queue order; a later arrival queued before them
 does not block them) until every one of them has finished.
+
+Recovery (the engine decides who and when): `recompute_requests` sends requests whose K/V a failed
+step or a dead worker lost back to the queue, as a recompute-preemption does, or holds them out of
+it until `release_held`; `reset_after_worker_loss` does so for every request with K/V and empties
+the prefix cache, whose blocks died with the worker.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ from itertools import islice
 from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.fair_share import TenantUsage
+from scheduler_svc.length_forecast import LengthForecast
 from scheduler_svc.preemption_cost import PreemptionCost
 from scheduler_svc.protocol import CachedRequest, NewRequest, StepPlan, StepResult
 from scheduler_svc.request import Request, RequestStatus
@@ -83,7 +96,7 @@ class _Step:
     cached_requests: list[CachedRequest] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
-    num_memory_preemptions: int = 0
+    memory_preempted: bool = False  # a running request lost its blocks for want of memory
     # The request that priority preemption made room for: admitted first, whatever the shares
     # charged since then say.
     reserved: Request | None = None
@@ -102,6 +115,7 @@ class Scheduler:
         self.waiting = RequestQueue(config.priority_aging_s, config.scheduling_policy, config.max_model_len)
         self.tenant_usage = TenantUsage(config.fair_share_half_life_steps, dict(config.tenant_weights))
         self.num_preemptions_by_cause = {"memory": 0, "priority": 0}  # since start, for metrics
+        self.length_forecast = LengthForecast(config.max_model_len, config.admission_quantile)
         self.running: list[Request] = []  # RUNNING (they hold blocks), in queue order
         self._num_added = 0
         self.swap_pool = SwapPool(config.num_swap_blocks)
@@ -112,6 +126,9 @@ class Scheduler:
         self._next_step_id = 0
         # Static scheduling: the unfinished members of the current batch (running or waiting).
         self._static_batch: set[str] = set()
+        # Requests kept out of the queue until released (the engine resumes the suspects of a
+        # failed step one at a time; see engine.py), in the order they were held.
+        self._held: dict[str, Request] = {}
 
     @property
     def num_waiting(self) -> int:
@@ -168,7 +185,7 @@ class Scheduler:
         self._preempt_for_priority(step)
         self._schedule_running(step)
         # After a memory preemption the pool is short; admitting newcomers would only thrash it.
-        if not step.num_memory_preemptions:
+        if not step.memory_preempted:
             self._schedule_waiting(step)
         return self._build_plan(step)
 
@@ -184,6 +201,61 @@ class Scheduler:
     def observe_step_time(self, num_scheduled_tokens: int, seconds: float) -> None:
         """How long the worker took for a step: the recompute side of the preemption cost rule."""
         self.preemption_cost.observe_step(num_scheduled_tokens, seconds)
+
+    @property
+    def held_req_ids(self) -> list[str]:
+        """Requests held out of the queue (`recompute_requests(hold=True)`), oldest first."""
+        return list(self._held)
+
+    def recompute_requests(self, req_ids: Iterable[str], hold: bool = False) -> list[str]:
+        """Send requests back to the queue to be computed again from their prompt and the tokens
+        they already have, as a recompute-preemption does: their K/V on the worker is lost or
+        suspect (it died, or failed the step). With `hold` they wait outside the queue until
+        `release_held`. Unknown, finished and already held ids are ignored; returns the ids of
+        the requests that had K/V (running or swapped out)."""
+        had_kv = []
+        for req_id in req_ids:
+            request = self.requests.get(req_id)
+            if request is None or req_id in self._held:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+                self.block_manager.free(request)
+                self._finished_req_ids.append(req_id)  # a worker that survived drops its state
+                had_kv.append(req_id)
+            else:
+                self.waiting.remove(request)  # before its key changes (sjf counts computed tokens)
+                if request.status == RequestStatus.SWAPPED:
+                    self.swap_pool.free(req_id)
+                    had_kv.append(req_id)
+            request.status = RequestStatus.PREEMPTED
+            request.num_computed_tokens = 0
+            if hold:
+                self._held[req_id] = request
+            else:
+                self.waiting.add(request)
+        return had_kv
+
+    def release_held(self) -> str | None:
+        """Queue the oldest held request again; returns its id (None if none is held)."""
+        if not self._held:
+            return None
+        req_id = next(iter(self._held))
+        self.waiting.add(self._held.pop(req_id))
+        return req_id
+
+    def reset_after_worker_loss(self, hold: Iterable[str] = ()) -> list[str]:
+        """The workers died, and their KV pool, swap space and request state with them: every
+        request that had K/V is recomputed (those in `hold` held), the new workers have nothing
+        to drop, and the prefix cache forgets every block. Returns the ids recomputed."""
+        hold = set(hold)
+        lost = [r.req_id for r in self.running]
+        lost += [r.req_id for r in self.waiting if r.status == RequestStatus.SWAPPED]
+        recomputed = self.recompute_requests([i for i in lost if i not in hold])
+        recomputed += self.recompute_requests([i for i in lost if i in hold], hold=True)
+        self._finished_req_ids.clear()
+        self.block_manager.reset_prefix_cache()
+        return recomputed
 
     def _check_fits(self, request: Request) -> None:
         if request.num_computed_tokens or request.output_token_ids:
@@ -247,7 +319,7 @@ class Scheduler:
         self.num_preemptions_by_cause[cause] += 1
         request.preempted_for_priority = cause == "priority"
         if cause == "memory":
-            step.num_memory_preemptions += 1
+            step.memory_preempted = True
         if self._should_swap(request):
             block_ids = self.block_manager.get_block_ids(request.req_id)
             step.swap_out += zip(block_ids, self.swap_pool.allocate(request.req_id, len(block_ids)))
@@ -350,21 +422,26 @@ class Scheduler:
 
     def _schedule_waiting(self, step: _Step) -> None:
         while step.token_budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request, step.reserved = step.reserved or self._admission_head(), None
-            if request is None or not self._try_admit(request, step):
+            reserved, step.reserved = step.reserved, None
+            request = reserved or self._admission_head()
+            # Victims already made room for a reserved request: the forecast must not refuse it.
+            if request is None or not self._try_admit(request, step, forecast=reserved is None):
                 break  # nobody overtakes the head of the queue
             if step.record.preempted_req_ids:
                 break  # priority made room for that one only: a victim must not resume at once
 
-    def _try_admit(self, request: Request, step: _Step) -> bool:
-        """Admit `request` if its next tokens fit; False if not. A waiting request first takes its
-        prefix-cache hits; a swapped-out one keeps its computed tokens, copied back into new blocks."""
+    def _try_admit(self, request: Request, step: _Step, forecast: bool) -> bool:
+        """Admit `request` if its next tokens fit (and, if `forecast`, its lifetime; see
+        `_lifetime_fits`); False if not. A waiting request first takes its prefix-cache hits; a
+        swapped-out one keeps its computed tokens, copied back into new blocks."""
         swapped = request.status == RequestStatus.SWAPPED
         computed_blocks = [] if swapped else self.block_manager.get_computed_blocks(request)
         num_hit_tokens = len(computed_blocks) * self.config.block_size
         num_computed = request.num_computed_tokens + num_hit_tokens
         num_new_tokens = self._num_new_tokens(request, step.token_budget, num_computed)
         if num_new_tokens == 0:
+            return False
+        if forecast and not self._lifetime_fits(request, computed_blocks):
             return False
         # The watermark is headroom for running requests to grow; with none it only blocks.
         watermark_blocks = self.config.watermark_blocks if self.running else 0
@@ -382,8 +459,26 @@ class Scheduler:
                 request.num_cached_tokens = min(num_hit_tokens, request.num_prompt_tokens)
         request.num_computed_tokens = num_computed
         self.waiting.remove(request)  # the head, or in static mode the batch's first member waiting
+        self.length_forecast.admitted(request)
         self._admit(request, num_new_tokens, step)
         return True
+
+    def _lifetime_fits(self, request: Request, computed_blocks: list) -> bool:
+        """Lifetime-aware admission: whether `request`, grown to its forecast length, fits beside
+        the running requests grown to theirs, with the watermark to spare. Always true under
+        `admission="immediate"`, static scheduling, or with nothing running: a pool that holds
+        nobody is never kept idle (the request fits alone, `_check_fits` saw to that)."""
+        if self.config.admission != "lifetime" or self.config.scheduling != "continuous" or not self.running:
+            return True
+        forecast, blocks = self.length_forecast, self.block_manager
+        num_reserved = sum(
+            max(blocks.num_required_blocks(forecast.num_kv_tokens(r)) - len(blocks.get_block_ids(r.req_id)), 0)
+            for r in self.running
+        )
+        # A hit on a free block is revived from the free queue: it costs a free block too.
+        num_needed = blocks.num_required_blocks(forecast.num_kv_tokens(request)) - len(computed_blocks)
+        num_needed += sum(1 for block in computed_blocks if block.ref_cnt == 0)
+        return blocks.num_free_blocks - num_reserved - num_needed >= self.config.watermark_blocks
 
     def _admission_head(self) -> Request | None:
         """The batching policy, who may be admitted next: continuous, the queue's head; static,
@@ -419,7 +514,8 @@ class Scheduler:
                 block_ids=self.block_manager.get_block_ids(request.req_id),
                 num_computed_tokens=request.num_computed_tokens,
                 num_new_tokens=num_new_tokens,
-                sampling=request.sampling_params.to_options(),
+                sampling=request.sampling_options(),
+                num_prompt_tokens=request.num_prompt_tokens,
             )
         )
         self._commit(request, num_new_tokens, step)
@@ -517,10 +613,11 @@ class Scheduler:
             self.running.remove(request)
             self.block_manager.free(request)
             self._finished_req_ids.append(request.req_id)  # the worker holds its state
-        else:
+        elif self._held.pop(request.req_id, None) is None:
             self.waiting.remove(request)
             if request.status == RequestStatus.SWAPPED:
                 self.swap_pool.free(request.req_id)
         request.status = status
         del self.requests[request.req_id]
         self._static_batch.discard(request.req_id)
+        self.length_forecast.finished(request, status)

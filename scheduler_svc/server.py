@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import uuid
@@ -16,12 +17,13 @@ from grpc_reflection.v1alpha import reflection
 
 from omnibus.v1 import generation_pb2 as pb
 from omnibus.v1 import generation_pb2_grpc as pb_grpc
-from scheduler_svc import proto_convert
+from scheduler_svc import parallel_samples, proto_convert
 from scheduler_svc.config import DEFAULT_MAX_REQUEST_BYTES, RequestLimits
 from scheduler_svc.engine import Engine, EngineError, ErrorKind, RequestStream
 from scheduler_svc.metrics import ServingMetrics
 from scheduler_svc.proto_convert import InvalidArgument, ModelLimits, ParsedRequest
 from scheduler_svc.scheduler import QueueFullError
+from scheduler_svc.structured_output import Constraint, GrammarCompiler
 from scheduler_svc.tokenizer import ModelTokenizer
 
 logger = logging.getLogger(__name__)
@@ -58,13 +60,17 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.request_limits = request_limits if request_limits is not None else RequestLimits()
         self.engine: Engine | None = None  # set once the workers have registered
         self.limits: ModelLimits | None = None
+        self.grammar_compiler: GrammarCompiler | None = None  # set with the engine (it needs the vocab size)
         self.model_info = pb.ModelInfo(model_id=model_id)
         self.draining = False
         # tokenizers releases the GIL while it encodes, so these threads leave the loop free.
         self._tokenize_pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="tokenize")
+        # Token texts for logprobs: each id decoded alone, once (a few microseconds each).
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(self._decode_token)
 
     def attach_engine(self, engine: Engine, limits: ModelLimits, model_info: pb.ModelInfo) -> None:
         self.engine, self.limits, self.model_info = engine, limits, model_info
+        self.grammar_compiler = GrammarCompiler(self.tokenizer, limits.vocab_size)
 
     def close(self) -> None:
         """Stop the tokenizing threads (after the gRPC server has stopped)."""
@@ -95,18 +101,23 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def _generate(self, request: pb.GenerateRequest, request_id: str):
         self._ready_engine_or_reject()  # the limits to parse against come with the engine
         parsed = await self._parse(request, request_id)
+        constraint = await self._compile_constraint(request.sampling)
         engine = self._ready_engine_or_reject()  # again: a drain or a death may have begun meanwhile
-        stream = self._add_request(engine, parsed)
+        streams: list[RequestStream] = []
         try:
-            async for event in stream.events():
+            for sample in parallel_samples.split_samples(parsed):  # n requests, queued together
+                streams.append(self._add_request(engine, sample, constraint))
+            async for index, event in parallel_samples.merged_events(streams):
                 yield proto_convert.generate_response(
-                    stream.client_request_id, event.token_ids, event.text, event.status, event.usage
+                    request_id, event.token_ids, event.text, event.status, event.usage, index, event.logprobs,
+                    self._token_text,
                 )
         except EngineError as error:
             raise _Rejection(_ERROR_CODES[error.kind], str(error)) from None
         finally:
-            if not stream.finished:  # client cancelled, deadline passed, or the engine failed
-                engine.abort(stream.req_id)
+            for stream in streams:  # client cancelled, deadline passed, or the engine failed
+                if not stream.finished:
+                    engine.abort(stream.req_id)
 
     async def _parse(self, request: pb.GenerateRequest, request_id: str) -> ParsedRequest:
         if not _is_valid_request_id(request_id):
@@ -119,9 +130,18 @@ class GenerationService(pb_grpc.GenerationServicer):
             raise _Rejection(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         return dataclasses.replace(parsed, client_request_id=request_id)
 
-    def _add_request(self, engine: Engine, parsed: ParsedRequest) -> RequestStream:
+    async def _compile_constraint(self, sampling: pb.SamplingParams) -> Constraint | None:
+        """The request's structured-output constraint, compiled off the loop; None without one."""
+        if sampling.WhichOneof("structured") is None:
+            return None
         try:
-            return engine.add_request(parsed)
+            return await self._off_loop(self.grammar_compiler.compile, sampling)
+        except InvalidArgument as error:
+            raise _Rejection(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+    def _add_request(self, engine: Engine, parsed: ParsedRequest, constraint: Constraint | None = None) -> RequestStream:
+        try:
+            return engine.add_request(parsed, constraint)
         except QueueFullError as error:
             raise _Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request queue is full: {error}") from None
         except EngineError as error:
@@ -138,6 +158,9 @@ class GenerationService(pb_grpc.GenerationServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext):
         await self._ready_engine(context)
         return self.model_info
+
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _tokenize(self, request: pb.TokenizeRequest) -> list[int]:
         if request.HasField("text"):

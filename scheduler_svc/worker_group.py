@@ -5,6 +5,12 @@ with a `StepResult`, and send heartbeats from a second DEALER. A monitor task de
 dead when a worker process we spawned exits or a worker's heartbeats stop; a pending step then
 fails at once with `WorkerDiedError` instead of hanging.
 
+A death is not the end of the group: it forgets every worker (a surviving rank is asked to
+register again when it next heartbeats, dropping its requests) and waits for the ranks to register
+anew, spawned again by the app (`omnibus serve`) or by their own supervisor. `num_deaths` and
+`generation` (full registrations) tell the engine that the workers' state is gone; a returning
+worker must match the first ones (model, block size, at least their KV pool and swap space).
+
 A worker that heartbeats without having registered here belongs to a previous incarnation of
 this scheduler (it crashed and restarted on the same address): it is asked to `Reregister`, so
 a separately started worker rejoins a restarted scheduler without being restarted itself.
@@ -27,6 +33,7 @@ import zmq.asyncio
 
 from scheduler_svc import protocol
 from scheduler_svc.protocol import Heartbeat, Reregister, StepPlan, StepResult, WorkerError, WorkerHello
+from scheduler_svc.worker_link_security import CurveServer, SchedulerKeys, check_worker_bind
 
 _REREGISTER_INTERVAL_S = 2.0  # between two requests to the same unregistered worker
 
@@ -66,13 +73,20 @@ class _PendingStep:
 class WorkerGroup:
     """Registers `world_size` workers and runs plans on all of them, one step at a time."""
 
-    def __init__(self, bind_addr: str, world_size: int = 1, heartbeat_timeout_s: float = 15.0):
+    def __init__(self, bind_addr: str, world_size: int = 1, heartbeat_timeout_s: float = 15.0,
+                 keys: SchedulerKeys | None = None, insecure: bool = False):
+        """`keys`: accept only CURVE-authenticated workers (worker_link_security.py); without them
+        a bind other machines can reach is refused unless `insecure`."""
+        check_worker_bind(bind_addr, keys is not None, insecure)
         self.world_size = world_size
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise, not vanish
+        self.curve: CurveServer | None = None if keys is None else CurveServer(self._context, keys)
+        if self.curve is not None:
+            self.curve.secure(self._socket)
         self._socket.bind(bind_addr)
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._workers: dict[int, _Worker] = {}
@@ -84,14 +98,37 @@ class WorkerGroup:
         self._asked_to_register: dict[int, float] = {}  # rank -> when we last asked
         self.dead_reason: str | None = None
         self.num_dropped_frames = 0  # malformed or unexpected messages, logged and ignored
+        self.num_deaths = 0  # deaths declared: exits, silences, double registrations
+        self.generation = 0  # full registrations: each brings workers that know no request
+        self.lost_since: float | None = None  # the first death since the group was last whole
+        self._first_hellos: list[WorkerHello] = []  # what the scheduler was sized for
+        self._change = asyncio.Event()  # replaced at each full registration or death
 
     @property
     def hellos(self) -> list[WorkerHello]:
         return [self._workers[rank].hello for rank in sorted(self._workers)]
 
+    @property
+    def is_registered(self) -> bool:
+        """Every rank is registered and none has died since."""
+        return self._registered.is_set()
+
     def watch_process(self, process: subprocess.Popen) -> None:
         """Treat this worker process's exit as the group's death."""
         self._processes.append(process)
+
+    def unwatch_process(self, process: subprocess.Popen) -> None:
+        """Stop watching a process (about to be killed on purpose); unknown ones are ignored."""
+        if process in self._processes:
+            self._processes.remove(process)
+
+    async def wait_change(self, timeout_s: float | None) -> bool:
+        """Wait for the next full registration or death; False if `timeout_s` passed first."""
+        try:
+            await asyncio.wait_for(self._change.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def start(self) -> None:
         self._tasks = [
@@ -100,15 +137,16 @@ class WorkerGroup:
         ]
 
     async def wait_registered(self, timeout_s: float) -> list[WorkerHello]:
-        """Wait for every rank's hello; checks they agree on model, blocks and protocol."""
-        try:
-            await asyncio.wait_for(self._registered.wait(), timeout_s)
-        except TimeoutError:
-            raise WorkerRegistrationError(
-                f"{len(self._workers)} of {self.world_size} workers registered within {timeout_s:.0f} s"
-            ) from None
-        if self.dead_reason is not None:
-            raise WorkerDiedError(self.dead_reason)
+        """Wait for every rank's hello; checks they agree on model, blocks and protocol. Raises
+        WorkerDiedError if a worker has died (a spawned process exited) before they all did."""
+        deadline = time.monotonic() + timeout_s
+        while not self._registered.is_set():
+            if self.dead_reason is not None:
+                raise WorkerDiedError(self.dead_reason)
+            if not await self.wait_change(deadline - time.monotonic()):
+                raise WorkerRegistrationError(
+                    f"{len(self._workers)} of {self.world_size} workers registered within {timeout_s:.0f} s"
+                )
         return _check_agreement(self.hellos)
 
     async def execute(self, plan: StepPlan) -> StepResult:
@@ -145,6 +183,8 @@ class WorkerGroup:
         for task in self._tasks:
             task.cancel()
         self._socket.close(linger=0)
+        if self.curve is not None:
+            self.curve.stop()
         self._context.term()
 
     async def _receive_loop(self) -> None:
@@ -221,20 +261,31 @@ class WorkerGroup:
             # heartbeat overtook the hello): it had no requests yet, so nothing is lost.
             return
         if known is not None:
-            self._declare_dead(f"worker rank {hello.rank} registered twice (restarted?)")
-            return
+            # A new process for a rank we believed alive: the old one died unseen (its own
+            # supervisor restarted it), and its requests' state with it.
+            self._declare_dead(f"worker rank {hello.rank} registered again from pid {hello.pid} "
+                               f"(pid {known.hello.pid} restarted?)")
         if hello.protocol_version != protocol.PROTOCOL_VERSION:
             self._declare_dead(
                 f"worker rank {hello.rank} speaks protocol {hello.protocol_version}, "
                 f"scheduler speaks {protocol.PROTOCOL_VERSION}"
             )
             return
+        if self._first_hellos:
+            _check_can_replace(self._first_hellos, hello)
         self._workers[hello.rank] = _Worker(hello, identity, now)
         self._heartbeats[hello.rank] = now
         logger.info("worker %d registered: pid %d, %s %s, %d KV blocks of %d tokens",
                     hello.rank, hello.pid, hello.device, hello.dtype, hello.num_kv_blocks, hello.block_size)
         if len(self._workers) == self.world_size:
+            self._first_hellos = self._first_hellos or self.hellos
+            self.generation += 1
+            if self.dead_reason is not None:
+                logger.info("workers are back (%d full registrations); lost %.1f s ago: %s",
+                            self.generation, now - self.lost_since, self.dead_reason)
+            self.dead_reason = self.lost_since = None
             self._registered.set()
+            self._notify_change()
 
     def _collect(self, result: StepResult) -> None:
         pending = self._pending
@@ -253,7 +304,7 @@ class WorkerGroup:
             pending.future.set_exception(error)
 
     async def _monitor_loop(self) -> None:
-        while self.dead_reason is None:
+        while True:
             await asyncio.sleep(0.2)
             reason = self._find_death()
             if reason is not None:
@@ -263,6 +314,7 @@ class WorkerGroup:
         for process in self._processes:
             code = process.poll()
             if code is not None:
+                self._processes.remove(process)  # one exit is one death
                 return f"worker process {process.pid} exited with code {code}"
         now = time.monotonic()
         for rank, seen in self._heartbeats.items():
@@ -271,11 +323,22 @@ class WorkerGroup:
         return None
 
     def _declare_dead(self, reason: str) -> None:
-        if self.dead_reason is None:
-            self.dead_reason = reason
-            logger.error("worker group is dead: %s", reason)
-        self._registered.set()  # wake a registration wait so it can report the death
-        self._fail_pending(None, WorkerDiedError(self.dead_reason))
+        """Forget every worker and fail the pending step; the ranks must register again."""
+        self.num_deaths += 1
+        self.dead_reason = reason
+        if self.lost_since is None:
+            self.lost_since = time.monotonic()
+        logger.error("lost the workers (death %d): %s", self.num_deaths, reason)
+        self._workers.clear()
+        self._heartbeats.clear()
+        self._registered.clear()
+        self._notify_change()
+        self._fail_pending(None, WorkerDiedError(reason))
+
+    def _notify_change(self) -> None:
+        """Wake every `wait_change`."""
+        self._change.set()
+        self._change = asyncio.Event()
 
 
 def _check_agreement(hellos: list[WorkerHello]) -> list[WorkerHello]:
@@ -288,6 +351,20 @@ def _check_agreement(hellos: list[WorkerHello]) -> list[WorkerHello]:
                     f"rank {hello.rank} has {getattr(hello, name)!r}"
                 )
     return hellos
+
+
+def _check_can_replace(first: list[WorkerHello], hello: WorkerHello) -> None:
+    """A returning worker must serve the scheduler sized for the first ones."""
+    template = first[0]
+    for name in ("model_fingerprint", "block_size", "vocab_size", "world_size", "max_model_len"):
+        if getattr(hello, name) != getattr(template, name):
+            raise _DroppedFrame(f"registration refused: worker rank {hello.rank} has {name} "
+                                f"{getattr(hello, name)!r}, the scheduler serves {getattr(template, name)!r}")
+    for name in ("num_kv_blocks", "num_swap_blocks"):
+        needed = min(getattr(h, name) for h in first)
+        if getattr(hello, name) < needed:
+            raise _DroppedFrame(f"registration refused: worker rank {hello.rank} has {name} "
+                                f"{getattr(hello, name)}, the scheduler needs at least {needed}")
 
 
 def _reap(processes: list[subprocess.Popen], timeout_s: float) -> None:

@@ -146,7 +146,7 @@ def check_wheel_set(wheels: list[Path], python_version: str = "3.12") -> list[st
     return problems
 
 
-CARRIED_MODULES = ("grpc", "google.protobuf", "zmq", "msgspec", "gguf", "grpc_health.v1.health",
+CARRIED_MODULES = ("grpc", "google.protobuf", "zmq", "msgspec", "gguf", "llguidance", "grpc_health.v1.health",
                    "grpc_reflection.v1alpha.reflection")
 
 

@@ -16,11 +16,12 @@ ROOT=$PWD
 VENV=$ROOT/${OMNIBUS_VENV:-.venv}
 MUTMUT_VERSION=3.8.1
 JOBS=${MUTATION_JOBS:-$(nproc)}
-ALL="block_hash block_manager request_queue sampler input_batch reference scheduler detokenizer"
+ALL="block_hash block_manager request_queue fair_share length_forecast sampler input_batch reference scheduler detokenizer"
 
 source_of() {
     case $1 in
-        block_hash | block_manager | request_queue | scheduler | detokenizer) echo "scheduler_svc/$1.py" ;;
+        block_hash | block_manager | request_queue | fair_share | length_forecast | scheduler | detokenizer)
+            echo "scheduler_svc/$1.py" ;;
         sampler | input_batch) echo "worker_svc/$1.py" ;;
         reference) echo "kernels/reference.py" ;;
         *) echo "unknown module $1 (one of: $ALL)" >&2; return 1 ;;
@@ -32,8 +33,11 @@ tests_of() {  # the fast unit tests that cover a module (never the model-loading
         block_hash) echo tests/test_prefix_cache.py tests/test_block_manager.py ;;
         block_manager) echo tests/test_block_manager.py tests/test_prefix_cache.py tests/test_scheduler.py tests/test_swap.py ;;
         request_queue) echo tests/test_request_queue.py tests/test_priority.py tests/test_sla_scheduling.py tests/test_scheduler.py ;;
+        fair_share) echo tests/test_sla_scheduling.py tests/test_sla_tenant_api.py ;;
+        length_forecast) echo tests/test_sla_lifetime.py ;;
         scheduler) echo tests/test_scheduler.py tests/test_scheduler_static.py tests/test_prefix_cache.py tests/test_swap.py \
-            tests/test_priority.py tests/test_sla_scheduling.py tests/test_sla_prefix_preemption.py tests/test_sla_random.py ;;
+            tests/test_priority.py tests/test_sla_scheduling.py tests/test_sla_prefix_preemption.py tests/test_sla_random.py \
+            tests/test_sla_lifetime.py tests/test_worker_resume.py ;;
         detokenizer) echo tests/test_detokenizer.py ;;
         sampler) echo tests/test_sampler.py ;;
         input_batch) echo tests/test_input_batch.py ;;

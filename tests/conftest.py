@@ -55,6 +55,40 @@ def hf_default_model(model_dir: Path):
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def fuzz_server(model_dir: Path):
+    """One real server (default model, a 64-block pool) for the fuzz tests, which must leave it
+    unharmed (tests/fuzz_support.py)."""
+    from tests.fuzz_support import start_fuzz_server
+
+    running = start_fuzz_server(model_dir)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_server(model_dir: Path):
+    """One real server (default model, a 256-block pool) for the modules that need nothing special
+    of it; each test must leave it idle. Saves a model load per module."""
+    from tests.server_harness import ServerThread
+
+    running = ServerThread(model_dir, num_kv_blocks=256).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_openai_client(shared_server):
+    """The official `openai` client through a gateway in front of `shared_server`."""
+    import openai
+
+    from tests.gateway_harness import GatewayThread
+
+    with GatewayThread(shared_server.target) as gateway:
+        with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0, timeout=120) as client:
+            yield client
+
+
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, all from that CA."""

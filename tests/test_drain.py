@@ -142,10 +142,10 @@ def test_drain_delay_is_a_lame_duck_period_that_still_serves(model_dir):
         server.stop()
 
 
-def test_serve_exits_non_zero_when_its_worker_dies(model_dir):
+def test_serve_exits_non_zero_when_its_worker_dies_past_its_restart_budget(model_dir):
     port = free_port()
     server = LoggedProcess([*OMNIBUS, "serve", "--port", str(port), "--model", str(model_dir), "--device", "cpu",
-                            "--num-threads", "1",
+                            "--num-threads", "1", "--max-worker-restarts", "0",
                             "--num-kv-blocks", "64", "--metrics-port", "0"])
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -154,7 +154,8 @@ def test_serve_exits_non_zero_when_its_worker_dies(model_dir):
         os.kill(worker, signal.SIGKILL)
         # A supervisor (compose's restart policy) can only restart what exits.
         assert server.process.wait(30) == 1, server.output()[-3000:]
-        assert any("engine is dead" in line for line in server.lines), server.output()[-3000:]
+        assert any("engine is dead" in line and "restarted 0 time(s)" in line for line in server.lines), \
+            server.output()[-3000:]
     finally:
         channel.close()
         server.kill()

@@ -95,7 +95,8 @@ def project_wheels(folder: Path) -> list[Path]:
             fake_wheel(folder, "protobuf", "7.36.2", []), fake_wheel(folder, "grpcio-reflection", "1.85.1", []),
             fake_wheel(folder, "pyzmq", "27.3.0", ['cffi; implementation_name == "pypy"']),
             fake_wheel(folder, "msgspec", "0.23.0", []),
-            fake_wheel(folder, "gguf", "0.19.0", ["numpy>=1.17", 'tqdm; extra == "gui"'])]
+            fake_wheel(folder, "gguf", "0.19.0", ["numpy>=1.17", 'tqdm; extra == "gui"']),
+            fake_wheel(folder, "llguidance", "1.9.1", [])]
 
 
 def test_wheel_set_check_finds_what_is_missing(tmp_path):

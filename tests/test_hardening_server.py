@@ -5,18 +5,15 @@ paced null worker (tests/hardening_support.py) and a tiny tokenizer. No model is
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import grpc
 import httpx
 import pytest
-import uvicorn
 
-from gateway_svc.app import create_app
-from gateway_svc.config import GatewayConfig
 from omnibus.v1 import generation_pb2 as pb
+from tests.gateway_harness import GatewayThread
 from tests.hardening_support import NullServerThread, write_tiny_model_dir
 
 STEP_DELAY_S = 0.005
@@ -104,31 +101,6 @@ def test_abusive_requests_are_refused_while_a_stream_keeps_its_pace(server):
     finally:
         stream.stop()
     assert gap < MAX_GAP_S, f"the stream stalled {gap:.2f} s while abusive requests were refused"
-
-
-class GatewayThread:
-    """The gateway under uvicorn on a free loopback port, in a daemon thread."""
-
-    def __init__(self, target: str, **config):
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(GatewayConfig(target=target, **config)),
-                                                    log_level="warning"))
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-
-    def __enter__(self) -> "GatewayThread":
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self._thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self._thread.join(30)
-        self.socket.close()
 
 
 def test_gateway_answers_an_oversized_request_413_and_a_wild_priority_400(server):

@@ -6,54 +6,24 @@ thread on an ephemeral loopback port, with its own event loop, as it would in pr
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from clients.client import tls_credentials
-from gateway_svc.app import create_app
-from gateway_svc.config import GatewayConfig
 from omnibus.v1 import generation_pb2 as pb
 from scheduler_svc.tls import TlsConfig
+from tests.gateway_harness import MODEL, GatewayThread
 from tests.server_harness import ServerThread, collect_tokens, greedy_request
 
 pytestmark = pytest.mark.model
 
-MODEL = "test-model"  # ServerThread's model_id
 PROMPT = "The three primary colours are"
 TOKEN_PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 2541]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 # One torch thread: on a busy 2-core machine spinning OpenMP workers make steps 10x slower.
-
-
-class GatewayThread:
-    """The gateway app under uvicorn on a free loopback port, in a daemon thread."""
-
-    def __init__(self, target: str, **config):
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        app = create_app(GatewayConfig(target=target, **config))
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-
-    def start(self, timeout_s: float = 30) -> "GatewayThread":
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            assert self._thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self._thread.join(30)
-        self.socket.close()
 
 
 @pytest.fixture(scope="module")
@@ -179,11 +149,12 @@ def test_unknown_model_is_not_found(client):
 
 def test_unsupported_parameters_are_rejected(client):
     with pytest.raises(openai.BadRequestError) as error:
-        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2)
-    assert error.value.param == "n"
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, echo=True)
+    assert error.value.param == "echo"
+    # Out of the server's range: named as the chat parameter the client sent.
     with pytest.raises(openai.BadRequestError) as error:
-        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, logprobs=True)
-    assert error.value.param == "logprobs"
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, logprobs=True, top_logprobs=21)
+    assert error.value.param == "top_logprobs"
 
 
 def test_closing_a_stream_frees_the_request_on_the_server(client, server):

@@ -56,17 +56,21 @@ def test_no_server_is_503_on_health_and_models(http):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
     ({"best_of": 3}, "best_of"),
-    ({"logprobs": 1}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"),
     ({"echo": True}, "echo"),
     ({"suffix": "end"}, "suffix"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"presence_penalty": "high"}, "presence_penalty"),
+    ({"logit_bias": {"abc": 1.0}}, "logit_bias"),
+    ({"logit_bias": {"-5": 1.0}}, "logit_bias"),
+    ({"min_tokens": -1}, "min_tokens"),
     ({"prompt": ["one", "two"]}, "prompt"),
     ({"prompt": [1, -2]}, "prompt"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"seed": -1}, "seed"),
-    ({"repetition_penalty": 1.1}, "repetition_penalty"),
+    ({"repetition_penalty": "x"}, "repetition_penalty"),
+    ({"frequency_penality": 1.0}, "frequency_penality"),  # a misspelt name is not ignored
     ({"stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_completion_request_rejected_before_the_server(http, extra, param):
@@ -81,7 +85,8 @@ def test_completion_request_rejected_before_the_server(http, extra, param):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
-    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # only with logprobs
+    ({"top_logprobs": -1, "logprobs": True}, "top_logprobs"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
 ])
 def test_chat_request_rejected_before_the_server(http, extra, param):

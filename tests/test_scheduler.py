@@ -278,6 +278,7 @@ def test_preempted_request_is_resent_whole_with_its_outputs():
     [resent] = plan.new_requests
     assert resent.req_id == "c"
     assert resent.token_ids == c.prompt_token_ids + outputs_before
+    assert resent.num_prompt_tokens == 7  # which of the token ids are the prompt
     assert (resent.num_computed_tokens, resent.num_new_tokens) == (0, 9)
     assert resent.block_ids == [5, 1, 0]
     assert h.scheduler.records[-1].resumed_req_ids == ["c"]

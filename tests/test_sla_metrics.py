@@ -29,3 +29,16 @@ def test_queue_time_per_priority_and_bounded_tenant_labels():
     assert value(metrics, name, priority="0", tenant="other") == 0.25
     assert value(metrics, name, priority="0", tenant="default") == 0.125
     assert value(metrics, "omnibus_request_queue_time_seconds_count") == 3
+
+
+def test_admission_forecasts_are_compared_with_actual_lengths():
+    metrics = ServingMetrics()
+    metrics.observe_admission_forecast(40, 10)  # a quarter of the forecast
+    metrics.observe_admission_forecast(20, 30)  # the forecast fell short
+    name = "omnibus_admission_forecast_ratio"
+    assert value(metrics, f"{name}_bucket", le="0.25") == 1
+    assert value(metrics, f"{name}_bucket", le="1.25") == 1
+    assert value(metrics, f"{name}_bucket", le="1.5") == 2
+    assert value(metrics, f"{name}_sum") == 0.25 + 1.5
+    assert value(metrics, "omnibus_admission_forecast_tokens_total") == 60
+    assert value(metrics, "omnibus_admission_actual_tokens_total") == 40

@@ -1,7 +1,9 @@
 """1,000 random requests with priorities and tenants under memory and slot pressure, for every
-scheduling policy: outputs equal the uncontended reference, no priority preemption ever breaks
-its rules (a strictly better newcomer admitted in that step, no victim inside its guard), and the
-run ends with the KV pool and the swap space whole."""
+scheduling policy and both admission rules: outputs equal the uncontended reference, no priority
+preemption ever breaks its rules (a strictly better newcomer admitted in that step, no victim
+inside its guard), and the run ends with the KV pool and the swap space whole. Lifetime admission
+must preempt for memory less than immediate admission on the same requests, and report a forecast
+outcome for every request that finished without being aborted."""
 
 from __future__ import annotations
 
@@ -44,18 +46,32 @@ def check_priority_preemptions(scheduler: Scheduler, step_id: int, guards: dict[
     return len(victims)
 
 
-@pytest.mark.parametrize("policy, preemption_mode", [
-    ("priority", "recompute"), ("priority", "swap"), ("sjf", "recompute"), ("fcfs", "recompute"),
+@pytest.mark.parametrize("policy, preemption_mode, admission", [
+    ("priority", "recompute", "immediate"), ("priority", "swap", "immediate"), ("sjf", "recompute", "immediate"),
+    ("fcfs", "recompute", "immediate"), ("priority", "recompute", "lifetime"), ("sjf", "swap", "lifetime"),
+    ("fcfs", "recompute", "lifetime"),
 ])
-def test_long_random_run_with_priorities_tenants_and_policies(policy, preemption_mode):
+def test_long_random_run_with_priorities_tenants_and_policies(policy, preemption_mode, admission):
+    causes = random_run(policy, preemption_mode, admission)
+    assert (causes["priority"] > 20) == (policy != "fcfs")
+    if admission == "immediate":
+        assert causes["memory"] > 20
+    else:
+        assert causes["memory"] < random_run(policy, preemption_mode, "immediate")["memory"]
+
+
+def random_run(policy: str, preemption_mode: str, admission: str) -> dict[str, int]:
+    """One checked run (see the module docstring); its preemptions by cause."""
     rng = random.Random(15_000 + len(policy))
     max_model_len = 32
     scheduler = Scheduler(make_config(
         num_kv_blocks=20, max_model_len=max_model_len, max_num_seqs=4, max_num_batched_tokens=16,
         max_queued_requests=20, watermark=0.1, preemption_mode=preemption_mode, num_swap_blocks=8,
         priority_aging_s=200.0, scheduling_policy=policy, priority_preemption_guard_steps=3,
-        tenant_weights={"a": 2.0}, fair_share_half_life_steps=50,
+        tenant_weights={"a": 2.0}, fair_share_half_life_steps=50, admission=admission,
     ))
+    outcomes = []
+    scheduler.length_forecast.on_outcome = lambda forecast, actual: outcomes.append(actual)
     worker = FakeWorker()
     requests: dict[str, Request] = {}
     outputs: dict[str, list[int]] = {}
@@ -107,6 +123,6 @@ def test_long_random_run_with_priorities_tenants_and_policies(policy, preemption
     causes = scheduler.num_preemptions_by_cause
     assert causes["priority"] == num_priority_preemptions
     assert sum(r.num_preemptions for r in requests.values()) == causes["priority"] + causes["memory"]
-    assert causes["memory"] > 20
-    assert (causes["priority"] > 20) == (policy != "fcfs")
     assert set(r.status for r in requests.values()) >= {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH}
+    assert sorted(outcomes) == sorted(r.num_tokens for r in requests.values() if r.req_id not in aborted)
+    return causes

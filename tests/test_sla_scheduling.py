@@ -211,6 +211,21 @@ def test_tenant_usage_decays_by_half_per_half_life_and_forgets_idle_tenants():
         TenantUsage(half_life_steps=0)
 
 
+def test_pruning_forgets_only_tenants_below_one_token_and_a_half_life_of_one_step_is_allowed():
+    usage = TenantUsage(half_life_steps=1)
+    usage.charge("one", 2, step=4)  # 1.0 at step 5: not below one token
+    usage.charge("many", 50, step=5)
+    usage.charge("half", 1, step=4)  # 0.5 at step 5
+    assert usage.tokens("one", 5) == 1.0
+    usage.prune(step=5, keep=set())
+    assert usage.num_tenants == 2 and usage.tokens("many", 5) == 50.0 and usage.tokens("half", 5) == 0.0
+
+
+def test_tenant_names_must_be_strings():
+    with pytest.raises(ValueError, match=r"^tenant weights: tenant names must be strings, got 1$"):
+        TenantUsage(weights={1: 2.0})
+
+
 def test_tenant_weights_file(tmp_path):
     path = tmp_path / "weights.json"
     path.write_text('{"gold": 4, "": 0.5}')
@@ -267,3 +282,148 @@ def test_bad_policy_and_guard_are_refused():
         make_config(scheduling_policy="lifo")
     with pytest.raises(ValueError, match="priority_preemption_guard_steps must be an integer >= 0"):
         make_config(priority_preemption_guard_steps=-1)
+
+
+# --- what the mutation audit found untested (docs/testing.md) ------------------------------------
+
+def test_the_request_priority_made_room_for_is_admitted_though_its_tenant_was_charged_since():
+    # Shares when high-x is picked: X ~10 (k1, k2, v's prompts in step 1) < Y ~11 (y-old in step
+    # 0), so high-x outranks high-y and v (priority 2) is preempted for it. k1 and k2 then decode,
+    # charging X to ~12 > Y: picked afresh, high-y would take the room made for high-x.
+    h = Harness(max_num_seqs=3, priority_aging_s=math.inf)
+    h.add(request("y-old", tenant="Y", num_prompt_tokens=11))
+    h.step()
+    k1, k2 = request("k1", priority=1, tenant="X", max_tokens=8), request("k2", priority=1, tenant="X", max_tokens=8)
+    v = request("v", priority=2, tenant="X", num_prompt_tokens=2, max_tokens=8)
+    h.add(k1, k2, v)
+    h.step()
+    high_y, high_x = request("high-y", tenant="Y"), request("high-x", tenant="X")
+    h.add(high_y, high_x)
+    assert h.step_tokens() == {"k1": 1, "k2": 1, "high-x": 4}
+    assert (last_record(h).preempted_req_ids, last_record(h).new_req_ids) == (["v"], ["high-x"])
+    run_to_end_and_check(h, [k1, k2, v, high_y, high_x])
+
+
+def test_tenants_whose_usage_has_decayed_away_are_forgotten_every_1024_steps():
+    # A is served 4 tokens in step 0 and never again; with a half-life of 10 steps it is below one
+    # token from step 21 on, but only step 1024 (a multiple of 1024) prunes. B stays: it is active.
+    h = Harness(max_model_len=2048, num_kv_blocks=300, fair_share_half_life_steps=10)
+    h.add(request("a", tenant="A"), request("b", tenant="B", max_tokens=1100))
+    for _ in range(1024):
+        h.step()
+    assert h.scheduler.records[-1].step_id == 1023 and h.scheduler.tenant_usage.num_tenants == 2
+    h.step()
+    assert h.scheduler.tenant_usage.num_tenants == 1
+    assert h.scheduler.tenant_usage.tokens("B", 1024) > 1
+
+
+@pytest.mark.parametrize("num_prompt_tokens, victims", [(12, []), (16, ["c"])])
+def test_room_for_a_newcomer_keeps_the_watermark_free_beside_the_kept_requests(num_prompt_tokens, victims):
+    # 10 blocks, watermark 1. a, b, c hold 2 each (7-token prompts; their 8th token needs no new
+    # block): 4 free. high's 12 tokens take 3, leaving exactly the watermark: nobody is preempted.
+    # 16 tokens take all 4: c (lowest) makes room, and 6 - 4 = 2 >= 1.
+    h = Harness(num_kv_blocks=10, watermark=0.1, priority_aging_s=math.inf)
+    a = request("a", priority=1, num_prompt_tokens=7, max_tokens=3)
+    b = request("b", priority=1, num_prompt_tokens=7, max_tokens=3)
+    c = request("c", priority=2, num_prompt_tokens=7, max_tokens=3)
+    h.add(a, b, c)
+    h.step()
+    assert h.scheduler.block_manager.num_free_blocks == 4
+    high = request("high", priority=0, num_prompt_tokens=num_prompt_tokens)
+    h.add(high)
+    h.step()
+    assert (last_record(h).preempted_req_ids, last_record(h).new_req_ids) == (victims, ["high"])
+    run_to_end_and_check(h, [a, b, c, high])
+
+
+def test_a_newcomer_that_needs_every_block_may_take_them_all_once_nobody_is_kept():
+    # max_num_seqs 1: low must go. high's 32-token prompt (max_model_len 32) takes all 8 blocks:
+    # with nobody kept there is no watermark (2 blocks) to leave.
+    h = Harness(num_kv_blocks=8, max_model_len=32, watermark=0.25, max_num_seqs=1, priority_aging_s=math.inf)
+    low = request("low", priority=1, max_tokens=3)
+    h.add(low)
+    h.step()
+    high = request("high", priority=0, num_prompt_tokens=32)
+    h.add(high)
+    assert h.step_tokens() == {"high": 32}
+    assert last_record(h).preempted_req_ids == ["low"]
+    while h.scheduler.has_unfinished_requests():
+        h.step()
+    assert low.output_token_ids == reference_output(low, 32)[0]
+
+
+def test_one_token_of_budget_left_is_room_enough_for_a_chunk():
+    # A budget of 3 tokens: a, b and c decode one each. high needs a slot: c goes, and a and b's
+    # decodes leave it 1 token, the first chunk of its prompt. Nobody else is preempted.
+    h = Harness(max_num_seqs=3, max_num_batched_tokens=3, priority_aging_s=math.inf)
+    a = request("a", priority=1, num_prompt_tokens=1, max_tokens=4)
+    b = request("b", priority=1, num_prompt_tokens=1, max_tokens=4)
+    c = request("c", priority=2, num_prompt_tokens=1, max_tokens=4)
+    h.add(a, b, c)
+    assert h.step_tokens() == {"a": 1, "b": 1, "c": 1}
+    high = request("high", priority=0)
+    h.add(high)
+    assert h.step_tokens() == {"a": 1, "b": 1, "high": 1}
+    assert last_record(h).preempted_req_ids == ["c"]
+    run_to_end_and_check(h, [a, b, c, high])
+
+
+def test_the_guard_starts_once_per_priority_preemption_not_at_every_resume():
+    # low is preempted for priority in step 1 and resumes in step 2: guarded until step 5. Sent
+    # back by `recompute_requests` (a worker was lost) it resumes in step 3, which is no priority
+    # preemption: its guard still ends at step 5, so high2 preempts it in step 5.
+    h = Harness(max_num_seqs=1, priority_aging_s=math.inf, priority_preemption_guard_steps=3)
+    low = request("low", priority=1, max_tokens=12)
+    h.add(low)
+    h.step()
+    h.add(request("high1", priority=0))
+    assert h.step_tokens() == {"high1": 4}
+    h.step()
+    assert last_record(h).resumed_req_ids == ["low"] and low.priority_guard_until_step == 5
+    h.scheduler.recompute_requests(["low"])
+    h.step()
+    assert last_record(h).resumed_req_ids == ["low"] and low.priority_guard_until_step == 5
+    h.add(request("high2", priority=0))
+    assert [h.step_tokens() for _ in range(2)] == [{"low": 1}, {"high2": 4}]
+    run_to_end_and_check(h, [low])
+
+
+def test_a_swapped_out_request_makes_room_for_all_its_blocks_even_where_the_cache_holds_its_prefix():
+    # Swap preemption, 8 blocks, watermark 3. L (p3) is preempted for P1 and resumes in step 2,
+    # guarded to step 4; H (p0, M's 8-token prompt plus 2) then preempts M (p2) by swap, not the
+    # guarded L, and hits M's two cached prompt blocks. From step 4 M outranks the unguarded L, but
+    # swapping back in takes 3 fresh blocks (it keeps no cache hits): 3 free + L's 2 - 3 < 3, so L
+    # is not preempted. Counting H's blocks as M's hits would make it 3 + 2 - 1 >= 3.
+    h = Harness(num_kv_blocks=8, watermark=0.375, max_num_seqs=2, priority_aging_s=math.inf,
+                priority_preemption_guard_steps=2, preemption_mode="swap", num_swap_blocks=16)
+    low, mid = request("L", priority=3, max_tokens=20), request("M", priority=2, num_prompt_tokens=8, max_tokens=20)
+    h.add(low, mid)
+    h.step()
+    h.add(request("P1", priority=1))
+    h.step()
+    h.step()
+    high = request("H", max_tokens=20)
+    high.prompt_token_ids = mid.prompt_token_ids + [5, 6]
+    h.add(high)
+    h.step()
+    assert last_record(h).swapped_out_req_ids == ["M"] and high.num_cached_tokens == 8
+    h.step()
+    assert last_record(h).step_id == 4 and last_record(h).preempted_req_ids == []
+    run_to_end_and_check(h, [low, mid, high])
+
+
+def test_under_fcfs_a_request_released_from_hold_never_preempts_a_later_arrival():
+    # a is held out of the queue (a worker was lost: `recompute_requests(hold=True)`), so b, a
+    # later arrival, runs alone. Released, a outranks b by priority and by arrival, but fcfs
+    # never preempts for priority: a waits for b.
+    h = Harness(max_num_seqs=1, scheduling_policy="fcfs", priority_aging_s=math.inf)
+    a, b = request("a", priority=0, max_tokens=2), request("b", priority=1, max_tokens=3)
+    h.add(a, b)
+    h.step()
+    h.scheduler.recompute_requests(["a"], hold=True)
+    assert h.step_tokens() == {"b": 4}
+    assert h.scheduler.release_held() == "a"
+    # a's prompt block is still cached: only its first output is computed again.
+    assert [h.step_tokens() for _ in range(3)] == [{"b": 1}, {"b": 1}, {"a": 1}]
+    assert h.scheduler.num_preemptions_by_cause["priority"] == 0
+    run_to_end_and_check(h, [a, b])

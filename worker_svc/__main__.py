@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from scheduler_svc.worker_link_security import WorkerLinkError
 from worker_svc.backends import ATTENTION_BACKENDS, ATTENTION_HELP, LINEAR_BACKENDS, LINEAR_HELP
 from worker_svc.model_store import DEFAULT_MODEL, LOAD_FORMATS
 from worker_svc.worker import WorkerConfig, run_worker
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--linear-backend", default="auto", choices=list(LINEAR_BACKENDS), help=LINEAR_HELP)
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="exit when this process (the spawning scheduler) is gone")
+    parser.add_argument("--worker-keys", default=None, metavar="DIR",
+                        help="CURVE keys from `omnibus keygen DIR` (this rank's key pair and the scheduler's "
+                             "public key): authenticate and encrypt the link to a scheduler started with "
+                             "--worker-keys")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -69,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         attention_backend=args.attention_backend,
         linear_backend=args.linear_backend,
         parent_pid=args.parent_pid,
+        worker_keys=args.worker_keys,
     )
 
 
@@ -78,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(),
         format=f"%(asctime)s %(levelname)s worker-{args.rank} %(name)s: %(message)s",
     )
-    return run_worker(config_from_args(args))
+    try:
+        return run_worker(config_from_args(args))
+    except WorkerLinkError as error:  # a key to fix, not a crash to debug
+        logging.getLogger("worker_svc").error("%s", error)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,17 +6,21 @@ import time
 
 import torch
 
-from scheduler_svc.protocol import SamplingOptions, StepPlan, StepResult
+from scheduler_svc.protocol import SamplingOptions, StepPlan, StepResult, TokenLogprobs, TokenMask
 from worker_svc.attention_metadata import AttentionMetadata
 from worker_svc.input_batch import InputBatch, prepare_inputs, to_device
 from worker_svc.kv_cache import KVCaches
+from worker_svc.logits_processing import RowHistory, needs_history
+from worker_svc.logprobs import gather_logprobs
 from worker_svc.models.llama import LlamaForCausalLM
 from worker_svc.request_state import PlanError, RequestStates, ScheduledRequest
 from worker_svc.sampler import Sampler
 from worker_svc.swap_space import SwapSpace
+from worker_svc.token_mask import apply_token_masks
 
-# Exercises the sampler's widest path (sort for top-k/top-p) during memory profiling.
-_PROFILE_SAMPLING = SamplingOptions(temperature=1.0, top_k=50, top_p=0.9)
+# Exercises the sampler's widest path (sort for top-k/top-p, the most logprobs) during memory
+# profiling.
+_PROFILE_SAMPLING = SamplingOptions(temperature=1.0, top_k=50, top_p=0.9, logprobs=20)
 
 
 class ModelRunner:
@@ -61,12 +65,13 @@ class ModelRunner:
         scheduled = self.requests.apply(plan)
         req_ids: list[str] = []
         token_ids: list[int] = []
+        logprobs: list[TokenLogprobs | None] = []
         try:
             if self.swap_space is not None:
                 self.swap_space.swap_out(self.kv_caches, plan.swap_out)
                 self.swap_space.swap_in(self.kv_caches, plan.swap_in)
             if scheduled:
-                req_ids, token_ids = self._run(scheduled)
+                req_ids, token_ids, logprobs = self._run(scheduled, plan.token_masks)
         except BaseException:
             # Back to the state the scheduler still believes in (it advances nothing on a
             # failed step), so later plans keep agreeing with ours.
@@ -78,6 +83,7 @@ class ModelRunner:
             req_ids=req_ids,
             token_ids=token_ids,
             execute_time_s=time.perf_counter() - started,
+            logprobs=logprobs,
         )
 
     def _check_swaps(self, plan: StepPlan) -> None:
@@ -90,23 +96,32 @@ class ModelRunner:
         except ValueError as error:
             raise PlanError(f"step {plan.step_id}: {error}") from None
 
-    def _run(self, scheduled: list[ScheduledRequest]) -> tuple[list[str], list[int]]:
+    def _run(self, scheduled: list[ScheduledRequest], token_masks: list[TokenMask] = ()
+             ) -> tuple[list[str], list[int], list[TokenLogprobs | None]]:
         batch = prepare_inputs(scheduled, self.block_size)
-        sampled = self._forward_and_sample(batch)
+        histories = None
+        if needs_history(batch.sampling):
+            histories = [RowHistory(s.state.token_ids, s.state.num_prompt_tokens) for s in scheduled if s.samples]
+        sampled, logprobs = self._forward_and_sample(batch, histories, token_masks)
         self.requests.advance(scheduled, sampled)
-        return batch.sample_req_ids, sampled
+        return batch.sample_req_ids, sampled, logprobs
 
     @torch.inference_mode()
-    def _forward_and_sample(self, batch: InputBatch) -> list[int]:
+    def _forward_and_sample(self, batch: InputBatch, histories: list[RowHistory] | None,
+                            token_masks: list[TokenMask] = ()) -> tuple[list[int], list[TokenLogprobs | None]]:
         input_ids, positions = batch.model_inputs(self.device)
         attn = batch.attention_metadata(self.device)
         hidden = self.model(input_ids, positions, self.kv_caches, attn)
         if batch.logits_indices.size == 0:
-            return []
+            return [], []
         logits_indices = to_device(batch.logits_indices, self.device)
         logits = self.model.compute_logits(hidden[logits_indices])
-        tokens = self.sampler.sample(logits, batch.sampling, batch.sample_positions)
-        return tokens.tolist()
+        # Structured output: what the constraint forbids is -inf to sampling and logprobs alike (as in vLLM).
+        logits = apply_token_masks(logits, batch.sample_req_ids, token_masks)
+        tokens = self.sampler.sample(logits, batch.sampling, batch.sample_positions, histories)
+        # From the raw logits, which sampling leaves untouched.
+        logprobs = gather_logprobs(logits, batch.sampling, tokens)
+        return tokens.tolist(), logprobs
 
     @torch.inference_mode()
     def profile_step(self, num_tokens: int, max_num_sampled: int = 256) -> None:
@@ -128,4 +143,5 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, self.kv_caches, attn)
         rows = min(num_tokens, max_num_sampled)
         logits = self.model.compute_logits(hidden[:rows])
-        self.sampler.sample(logits, [_PROFILE_SAMPLING] * rows, [0] * rows)
+        options = [_PROFILE_SAMPLING] * rows
+        gather_logprobs(logits, options, self.sampler.sample(logits, options, [0] * rows))

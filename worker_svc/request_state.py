@@ -25,6 +25,13 @@ class RequestState:
     block_table: list[int]
     num_computed_tokens: int  # tokens whose K/V are in the cache
     sampling: SamplingOptions
+    # Leading token_ids that are the prompt (penalties and min_tokens count the rest); None: all
+    # the token ids it arrived with.
+    num_prompt_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens is None:
+            self.num_prompt_tokens = len(self.token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -111,6 +118,7 @@ class RequestStates:
             block_table=list(new.block_ids),
             num_computed_tokens=new.num_computed_tokens,
             sampling=new.sampling,
+            num_prompt_tokens=new.num_prompt_tokens,
         )
         self.requests[new.req_id] = state
         return ScheduledRequest(state, new.num_new_tokens)
@@ -128,6 +136,9 @@ class RequestStates:
             self._check_blocks(new.req_id, new.block_ids)
             self._check_step(new.req_id, len(new.token_ids), len(new.block_ids),
                              new.num_computed_tokens, new.num_new_tokens)
+            if new.num_prompt_tokens is not None and not 1 <= new.num_prompt_tokens <= len(new.token_ids):
+                raise PlanError(f"request {new.req_id!r}: {new.num_prompt_tokens} prompt tokens "
+                                f"of {len(new.token_ids)} known tokens")
         for cached in plan.cached_requests:
             self._check_unique(cached.req_id, seen)
             state = self.requests.get(cached.req_id)

@@ -6,6 +6,10 @@ noise of a seeded row come from its own generator while the rest of the batch sh
 
 A seeded row's noise is drawn from a generator seeded from (seed, position of the token being
 sampled), so the token depends on neither batch composition nor preemption.
+
+Order of the steps (vLLM's): logit bias, min_tokens and penalties on the raw logits
+(logits_processing.py), then greedy argmax or temperature, top-k, top-p and min-p. A constrained
+row's structured-output mask is applied before all of them, by the model runner (token_mask.py).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from scheduler_svc.protocol import SamplingOptions
+from worker_svc.logits_processing import RowHistory, adjust_logits
 
 _MASK64 = (1 << 64) - 1
 # Temperatures below this are treated as greedy: dividing by them would overflow float32.
@@ -48,6 +53,7 @@ class SamplingTensors:
     temperature: torch.Tensor  # float32 [N], 1.0 on greedy rows (they never use it)
     top_k: torch.Tensor  # int64 [N], vocab size where unlimited
     top_p: torch.Tensor  # float32 [N]
+    log_min_p: torch.Tensor | None  # float32 [N], -inf where off; None: no row uses min-p
     greedy: torch.Tensor  # bool [N]
     any_greedy: bool
     num_candidates: int | None  # tokens the top-k/top-p masks look at; None: no mask needed
@@ -66,10 +72,15 @@ class SamplingTensors:
             for g, k, p in zip(greedy, top_k, top_p)
             if not g and (k < vocab_size or p < 1.0)
         ]
+        min_p = [0.0 if g else min(max(o.min_p, 0.0), 1.0) for g, o in zip(greedy, options)]
+        log_min_p = None
+        if any(min_p):
+            log_min_p = torch.tensor(min_p, dtype=torch.float32, device=device).log()
         return cls(
             temperature=torch.tensor(temperature, dtype=torch.float32, device=device),
             top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
             top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
+            log_min_p=log_min_p,
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             any_greedy=any(greedy),
             num_candidates=max(needs) if needs else None,
@@ -125,6 +136,17 @@ def apply_top_k_top_p(
     return torch.where(restricted.unsqueeze(1), masked, logits)
 
 
+def apply_min_p(logits: torch.Tensor, log_min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf the logits whose probability is below min_p times the row's top probability.
+
+    `log_min_p` float32 [N] (-inf: off). In logit space the test is `logit < max + log(min_p)`;
+    the ratio to the top probability is the same before and after top-k/top-p renormalise, so
+    the order of the three masks does not matter.
+    """
+    threshold = logits.max(dim=-1, keepdim=True).values + log_min_p.unsqueeze(1)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
 class Sampler:
     """Samples one token per logits row. Owns the generator for unseeded rows."""
 
@@ -136,15 +158,21 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def sample(
-        self, logits: torch.Tensor, options: list[SamplingOptions], positions: list[int]
+        self,
+        logits: torch.Tensor,
+        options: list[SamplingOptions],
+        positions: list[int],
+        histories: list[RowHistory] | None = None,
     ) -> torch.Tensor:
-        """Return int64 [N] token ids for float32 logits [N, vocab].
+        """Return int64 [N] token ids for float32 logits [N, vocab] (left unchanged).
 
         `positions[i]` is the index the sampled token will have in row i's sequence; it only
-        matters for seeded rows.
+        matters for seeded rows. `histories` (each row's prompt and output tokens) are needed
+        when a row has penalties or min_tokens.
         """
         if logits.shape[0] == 0:
             return torch.empty(0, dtype=torch.int64, device=logits.device)
+        logits = adjust_logits(logits, options, histories)
         greedy_tokens = logits.argmax(dim=-1)
         if all(o.temperature < _MIN_TEMPERATURE for o in options):
             return greedy_tokens  # the common path builds no option tensors at all
@@ -165,6 +193,8 @@ class Sampler:
         if params.num_candidates is not None:
             logits = apply_top_k_top_p(logits, params.top_k, params.top_p,
                                        params.num_candidates)
+        if params.log_min_p is not None:
+            logits = apply_min_p(logits, params.log_min_p)
         probs = logits.softmax(dim=-1)
         noise = self._exponential_noise(probs, options, positions)
         return probs.div_(noise).argmax(dim=-1)

@@ -14,11 +14,13 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import zmq
 
 from scheduler_svc import protocol
+from scheduler_svc.worker_link_security import WorkerKeys, load_worker_keys, secure_worker_socket
 from kernels.reference import AttentionOps
 from worker_svc.backends import ATTENTION_BACKENDS, LINEAR_BACKENDS
 from worker_svc.cpu_linear import pack_linears, resolve_linear_backend
@@ -65,6 +67,7 @@ class WorkerConfig:
     attention_backend: str = "auto"
     linear_backend: str = "auto"  # auto (oneDNN prepacked on a float32 CPU model) | onednn | torch
     parent_pid: int | None = None  # exit when this process (the scheduler that spawned us) is gone
+    worker_keys: str | None = None  # CURVE key directory (omnibus keygen); None: a plain link
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -232,19 +235,20 @@ class Worker:
     """Serves one scheduler connection until `Shutdown`, a signal or a fatal device error."""
 
     def __init__(self, config: WorkerConfig, runner: ModelRunner,
-                 hello: protocol.WorkerHello) -> None:
+                 hello: protocol.WorkerHello, keys: WorkerKeys | None = None) -> None:
         self.config = config
         self.runner = runner
         self.hello = hello
+        self.keys = keys
 
     def serve(self, context: zmq.Context) -> int:
         """Connect, register, and answer plans; returns the process exit code."""
         stop = threading.Event()
         heartbeat = threading.Thread(
             target=heartbeat_loop, name="heartbeat", daemon=True,
-            args=(context, self.config, stop),
+            args=(context, self.config, stop, self.keys),
         )
-        socket = _dealer(context, self.config.identity, self.config.scheduler)
+        socket = _dealer(context, self.config.identity, self.config.scheduler, self.keys)
         try:
             socket.send(protocol.encode(self.hello))
             heartbeat.start()
@@ -298,9 +302,10 @@ class Worker:
                                     message=f"{type(exc).__name__}: {exc}")
 
 
-def heartbeat_loop(context: zmq.Context, config: WorkerConfig, stop: threading.Event) -> None:
+def heartbeat_loop(context: zmq.Context, config: WorkerConfig, stop: threading.Event,
+                   keys: WorkerKeys | None = None) -> None:
     """Send `Heartbeat` every interval from this thread's own socket until `stop` is set."""
-    socket = _dealer(context, config.identity + b"-hb", config.scheduler)
+    socket = _dealer(context, config.identity + b"-hb", config.scheduler, keys)
     beat = protocol.encode(protocol.Heartbeat(rank=config.rank, pid=os.getpid()))
     try:
         while not stop.is_set():
@@ -319,10 +324,12 @@ def heartbeat_loop(context: zmq.Context, config: WorkerConfig, stop: threading.E
         socket.close(linger=0)
 
 
-def _dealer(context: zmq.Context, identity: bytes, address: str) -> zmq.Socket:
+def _dealer(context: zmq.Context, identity: bytes, address: str, keys: WorkerKeys | None) -> zmq.Socket:
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.IDENTITY, identity)
     socket.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        secure_worker_socket(socket, keys)
     socket.connect(address)
     return socket
 
@@ -351,10 +358,12 @@ def run_worker(config: WorkerConfig) -> int:
         signal.signal(signum, _raise_terminated)
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
+    # Keys first: a missing or unprotected key should not wait for the model to load.
+    keys = None if config.worker_keys is None else load_worker_keys(Path(config.worker_keys), config.rank)
     context = zmq.Context()
     try:
         runner, hello = build_runner(config)
-        return Worker(config, runner, hello).serve(context)
+        return Worker(config, runner, hello, keys).serve(context)
     except _Terminated as exc:
         logger.info("worker %d stopped by %s", config.rank, exc)
         return 0

@@ -24,33 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bomnibus/v1/generation.proto\x12\nomnibus.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf4\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\rB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"\xee\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12)\n\x08messages\x18\x04 \x03(\x0b\x32\x17.omnibus.v1.ChatMessage\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.omnibus.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12\x0e\n\x06tenant\x18\t \x01(\tB\t\n\x07_prompt\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x9a\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.omnibus.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.omnibus.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x90\x01\n\x0fTokenizeRequest\x12\x11\n\x04text\x18\x01 \x01(\tH\x00\x88\x01\x01\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.omnibus.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05_textB\x15\n\x13_add_special_tokens\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xd9\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x05 \x01(\r\x12\x13\n\x0bnum_workers\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x19\n\x11model_fingerprint\x18\n \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xe4\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.omnibus.v1.GenerateRequest\x1a\x1c.omnibus.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.omnibus.v1.TokenizeRequest\x1a\x1c.omnibus.v1.TokenizeResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.omnibus.v1.GetModelInfoRequest\x1a\x15.omnibus.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bomnibus/v1/generation.proto\x12\nomnibus.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd1\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\x05min_p\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12=\n\nlogit_bias\x18\r \x03(\x0b\x32).omnibus.v1.SamplingParams.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x0e \x01(\rH\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\rH\x0b\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x10 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x11 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x12 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x13 \x01(\x08H\x00\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0c\n\nstructuredB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x0b\n\t_logprobs\"\xf9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12)\n\x08messages\x18\x04 \x03(\x0b\x32\x17.omnibus.v1.ChatMessage\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.omnibus.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\ncache_salt\x18\x07 \x01(\t\x12\t\n\x01n\x18\x08 \x01(\r\x12\x0e\n\x06tenant\x18\t \x01(\tB\t\n\x07_prompt\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xd6\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.omnibus.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.omnibus.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05index\x18\x06 \x01(\r\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.omnibus.v1.TokenLogprobs\"@\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"a\n\rTokenLogprobs\x12)\n\x07sampled\x18\x01 \x01(\x0b\x32\x18.omnibus.v1.TokenLogprob\x12%\n\x03top\x18\x02 \x03(\x0b\x32\x18.omnibus.v1.TokenLogprob\"\x90\x01\n\x0fTokenizeRequest\x12\x11\n\x04text\x18\x01 \x01(\tH\x00\x88\x01\x01\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.omnibus.v1.ChatMessage\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05_textB\x15\n\x13_add_special_tokens\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\xd9\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x05 \x01(\r\x12\x13\n\x0bnum_workers\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x15\n\reos_token_ids\x18\t \x03(\r\x12\x19\n\x11model_fingerprint\x18\n \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xe4\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.omnibus.v1.GenerateRequest\x1a\x1c.omnibus.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.omnibus.v1.TokenizeRequest\x1a\x1c.omnibus.v1.TokenizeResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.omnibus.v1.GetModelInfoRequest\x1a\x15.omnibus.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'omnibus.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1267
-  _globals['_FINISHREASON']._serialized_end=1362
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=1980
+  _globals['_FINISHREASON']._serialized_end=2075
   _globals['_CHATMESSAGE']._serialized_start=43
   _globals['_CHATMESSAGE']._serialized_end=87
   _globals['_SAMPLINGPARAMS']._serialized_start=90
-  _globals['_SAMPLINGPARAMS']._serialized_end=334
-  _globals['_GENERATEREQUEST']._serialized_start=337
-  _globals['_GENERATEREQUEST']._serialized_end=575
-  _globals['_USAGE']._serialized_start=577
-  _globals['_USAGE']._serialized_end=664
-  _globals['_GENERATERESPONSE']._serialized_start=667
-  _globals['_GENERATERESPONSE']._serialized_end=821
-  _globals['_TOKENIZEREQUEST']._serialized_start=824
-  _globals['_TOKENIZEREQUEST']._serialized_end=968
-  _globals['_TOKENIZERESPONSE']._serialized_start=970
-  _globals['_TOKENIZERESPONSE']._serialized_end=1022
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1024
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1045
-  _globals['_MODELINFO']._serialized_start=1048
-  _globals['_MODELINFO']._serialized_end=1265
-  _globals['_GENERATION']._serialized_start=1365
-  _globals['_GENERATION']._serialized_end=1593
+  _globals['_SAMPLINGPARAMS']._serialized_end=811
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=585
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=633
+  _globals['_GENERATEREQUEST']._serialized_start=814
+  _globals['_GENERATEREQUEST']._serialized_end=1063
+  _globals['_USAGE']._serialized_start=1065
+  _globals['_USAGE']._serialized_end=1152
+  _globals['_GENERATERESPONSE']._serialized_start=1155
+  _globals['_GENERATERESPONSE']._serialized_end=1369
+  _globals['_TOKENLOGPROB']._serialized_start=1371
+  _globals['_TOKENLOGPROB']._serialized_end=1435
+  _globals['_TOKENLOGPROBS']._serialized_start=1437
+  _globals['_TOKENLOGPROBS']._serialized_end=1534
+  _globals['_TOKENIZEREQUEST']._serialized_start=1537
+  _globals['_TOKENIZEREQUEST']._serialized_end=1681
+  _globals['_TOKENIZERESPONSE']._serialized_start=1683
+  _globals['_TOKENIZERESPONSE']._serialized_end=1735
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1737
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1758
+  _globals['_MODELINFO']._serialized_start=1761
+  _globals['_MODELINFO']._serialized_end=1978
+  _globals['_GENERATION']._serialized_start=2078
+  _globals['_GENERATION']._serialized_end=2306
 # @@protoc_insertion_point(module_scope)
