@@ -16,13 +16,13 @@ ROOT=$PWD
 VENV=$ROOT/${OMNIBUS_VENV:-.venv}
 MUTMUT_VERSION=3.8.1
 JOBS=${MUTATION_JOBS:-$(nproc)}
-ALL="block_hash block_manager request_queue fair_share length_forecast sampler input_batch reference scheduler detokenizer"
+ALL="block_hash block_manager request_queue fair_share length_forecast sampler logits_processing input_batch reference scheduler detokenizer"
 
 source_of() {
     case $1 in
         block_hash | block_manager | request_queue | fair_share | length_forecast | scheduler | detokenizer)
             echo "scheduler_svc/$1.py" ;;
-        sampler | input_batch) echo "worker_svc/$1.py" ;;
+        sampler | logits_processing | input_batch) echo "worker_svc/$1.py" ;;
         reference) echo "kernels/reference.py" ;;
         *) echo "unknown module $1 (one of: $ALL)" >&2; return 1 ;;
     esac
@@ -39,7 +39,8 @@ tests_of() {  # the fast unit tests that cover a module (never the model-loading
             tests/test_priority.py tests/test_sla_scheduling.py tests/test_sla_prefix_preemption.py tests/test_sla_random.py \
             tests/test_sla_lifetime.py tests/test_worker_resume.py ;;
         detokenizer) echo tests/test_detokenizer.py ;;
-        sampler) echo tests/test_sampler.py ;;
+        sampler) echo tests/test_sampler.py tests/test_sampling_controls.py ;;
+        logits_processing) echo tests/test_sampling_controls.py tests/test_sampler.py ;;
         input_batch) echo tests/test_input_batch.py ;;
         reference) echo tests/test_reference_kernels.py tests/test_reference_kernel_edges.py ;;
     esac
@@ -58,21 +59,23 @@ run_module() {
     rm -rf "$stage"
     mkdir -p "$stage"
     # A copy, so mutants never touch the working tree and edits made meanwhile do not leak in.
-    tar -C "$ROOT" --exclude=__pycache__ -cf - scheduler_svc worker_svc kernels protos tests pyproject.toml \
+    tar -C "$ROOT" --exclude=__pycache__ -cf - scheduler_svc worker_svc kernels protos tests benchmarks clients pyproject.toml \
         | tar -C "$stage" -xf -
     # shellcheck disable=SC2046
     cat >>"$stage/pyproject.toml" <<EOF
 
 [tool.mutmut]
 source_paths = ["scheduler_svc", "worker_svc", "kernels"]
-also_copy = ["protos"]
+also_copy = ["protos", "benchmarks", "clients"]  # tests import the null worker and the CLI
 only_mutate = ["$source"]
 pytest_add_cli_args_test_selection = $(toml_list $(tests_of "$module"))
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-m", "not model and not gpu"]
 use_git_change_detection = false
 EOF
     start=$(date +%s)
-    (cd "$stage" && nice -n 19 "$VENV/bin/mutmut" run --max-children "$JOBS" >run.log 2>&1) || {
+    # One torch thread: mutmut forks each mutant's run from a process that has imported torch, and a
+    # child of a process whose OpenMP pool is running can deadlock in its first parallel op.
+    (cd "$stage" && OMP_NUM_THREADS=1 nice -n 19 "$VENV/bin/mutmut" run --max-children "$JOBS" >run.log 2>&1) || {
         echo "$module: mutmut failed; see $stage/run.log" >&2
         tail -n 20 "$stage/run.log" >&2
         return 1

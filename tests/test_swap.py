@@ -93,6 +93,20 @@ def test_aborting_a_swapped_request_frees_its_swap_blocks():
     assert h.scheduler.swap_pool.num_free_blocks == 4 and h.scheduler.num_swapped == 0
 
 
+def test_a_worker_loss_recomputes_swapped_and_running_requests_past_unknown_ids():
+    """`recompute_requests` after a worker loss: an unknown id does not stop the walk, and a
+    swapped-out request counts as one that had K/V (its swap blocks died with the worker)."""
+    h = swap_harness()
+    h.step()  # swaps c out
+    assert h.scheduler.get_request("c").status == RequestStatus.SWAPPED
+    had_kv = h.scheduler.recompute_requests(["gone", "c", "b"])
+    assert had_kv == ["c", "b"]
+    assert h.scheduler.swap_pool.num_free_blocks == 4 and h.scheduler.num_swapped == 0
+    for req_id in ("b", "c"):
+        request = h.scheduler.get_request(req_id)
+        assert (request.status, request.num_computed_tokens) == (RequestStatus.PREEMPTED, 0)
+
+
 def test_a_victim_whose_token_is_still_being_sampled_is_recomputed_not_swapped():
     # Swapped, it would keep num_computed_tokens past its last token, whose result is dropped
     # (it no longer runs): it would wait forever for a token nobody computes.
