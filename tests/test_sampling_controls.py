@@ -124,7 +124,7 @@ def test_seeded_rows_with_penalties_are_reproducible():
 
 
 def test_penalties_without_histories_are_refused():
-    with pytest.raises(ValueError, match="history"):
+    with pytest.raises(ValueError, match="^penalties and min_tokens need each row's token history$"):
         adjust_logits(_logits(1), [SamplingOptions(presence_penalty=1.0)], None)
 
 
@@ -142,3 +142,41 @@ def test_logprobs_are_the_raw_log_softmax_with_the_top_n_on_the_worker():
     assert got[0].top_logprobs == pytest.approx(values.tolist(), abs=1e-5)
     assert got[2].top_token_ids == [] and got[2].top_logprobs == []
     assert gather_logprobs(logits, [SamplingOptions()] * 3, sampled) == []
+
+
+@pytest.mark.parametrize("presence,frequency", [(1.0, 0.0), (0.0, 1.0)])
+def test_a_penalty_of_exactly_one_is_applied(presence, frequency):
+    """1.0 is a real penalty for presence and frequency (0 is their no-op), not a skipped row."""
+    logits = _logits(1, seed=5)
+    history = _history(5, 3, 8)
+    got = adjust_logits(logits, [SamplingOptions(presence_penalty=presence, frequency_penalty=frequency)], [history])
+    counts = torch.bincount(torch.tensor(history.token_ids[3:]), minlength=VOCAB).float()
+    torch.testing.assert_close(got[0], logits[0] - frequency * counts - presence * (counts > 0).float())
+
+
+def test_half_precision_logits_come_back_float32_with_the_same_adjustments():
+    logits = _logits(2, seed=6)
+    options = [SamplingOptions(logit_bias=((4, 3.0),), presence_penalty=0.5, frequency_penalty=0.25,
+                               repetition_penalty=1.3)] * 2
+    histories = [_history(20 + i, 4, 6) for i in range(2)]
+    half = logits.half()
+    got = adjust_logits(half, options, histories)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, adjust_logits(half.float(), options, histories))
+
+
+def test_adjustments_hold_under_a_float64_default_dtype():
+    """Every tensor built from Python floats takes the logits' dtype, not torch's default."""
+    logits = _logits(2, seed=7)
+    options = [SamplingOptions(logit_bias=((4, 3.0),), presence_penalty=0.5, frequency_penalty=0.25,
+                               repetition_penalty=1.3, min_tokens=5, min_tokens_stop_ids=(2,))] * 2
+    histories = [_history(30 + i, 4, 2) for i in range(2)]
+    want = adjust_logits(logits, options, histories)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = adjust_logits(logits, options, histories)
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
