@@ -156,6 +156,23 @@ def test_sampling_tensors_hold_each_rows_options() -> None:
     assert params.greedy.tolist() == [True, False, False, True] and params.any_greedy
     assert params.num_candidates == 7
     assert not SamplingTensors.build(opts[1:3], 50, torch.device("cpu")).any_greedy
+    assert params.log_min_p is None  # no row uses min-p
+
+
+def test_min_p_tensor_is_off_for_greedy_rows_and_clamped_to_one() -> None:
+    opts = [SamplingOptions(min_p=0.5),  # greedy (temperature 0): min-p has no say
+            SamplingOptions(temperature=1.0, min_p=0.25),
+            SamplingOptions(temperature=1.0, min_p=1.5),  # clamped to 1: only the top token(s)
+            SamplingOptions(temperature=1.0)]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # its dtype must not follow the default
+    try:
+        on_meta = SamplingTensors.build(opts, 50, torch.device("meta"))  # nor the host's device
+    finally:
+        torch.set_default_dtype(previous)
+    assert (on_meta.log_min_p.device.type, on_meta.log_min_p.dtype) == ("meta", torch.float32)
+    log_min_p = SamplingTensors.build(opts, 50, torch.device("cpu")).log_min_p
+    assert log_min_p.tolist() == [float("-inf"), torch.tensor(0.25).log().item(), 0.0, float("-inf")]
 
 
 def test_the_greedy_threshold_is_below_1e_5() -> None:
