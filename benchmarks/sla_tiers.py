@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clients.bench.metrics import summarize
-from clients.bench.report import git_revision, machine_info
+from clients.bench.report import git_revision, json_safe, machine_info
 from scheduler_svc import protocol
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.request import Request, SamplingParams
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {scenario: run[scenario](args) for scenario in args.scenarios}
     tables = "\n\n".join(format_table(name, r) for name, r in results.items())
     print(tables)
-    summary = {"config": json.loads(json.dumps(vars(args), default=str).replace("Infinity", '"inf"')),
+    summary = {"config": json_safe(vars(args)),
                "git": git_revision(), "machine": machine_info(None),
                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "scenarios": results}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
