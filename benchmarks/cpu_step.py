@@ -10,8 +10,9 @@ For each batch x context it times, in one process and one run, with the real def
 - `attention`: the attention calls alone (every layer, same metadata) with the configuration's
   kernel, and the time the K/V bytes they read take at the memory bandwidth measured in the run.
 
-Configurations: `before` (torch reference attention, `F.linear`) and `after` (the defaults on a
-CPU: our C++ kernels, oneDNN prepacked linears). Medians over `--repeats`.
+Configurations: `before` (torch reference attention, `F.linear`), `after` (the defaults on a
+CPU: our C++ kernels, oneDNN prepacked linears) and `after-f16kv` (the same over a float16 KV
+cache, `--kv-cache-dtype float16`). Medians over `--repeats`.
 
     python -m benchmarks.cpu_step --result-json bench_results/cpu_step.json
 """
@@ -41,7 +42,18 @@ from worker_svc.sampler import Sampler
 from scheduler_svc.protocol import SamplingOptions
 from worker_svc.worker import attention_ops
 
-CONFIGS = {"before": ("torch", "torch"), "after": ("auto", "onednn")}  # (attention, linear)
+@dataclass(frozen=True, slots=True)
+class StepConfig:
+    attention: str  # --attention-backend
+    linear: str  # --linear-backend
+    kv_dtype: torch.dtype = torch.float32  # --kv-cache-dtype
+
+
+CONFIGS = {
+    "before": StepConfig("torch", "torch"),
+    "after": StepConfig("auto", "onednn"),
+    "after-f16kv": StepConfig("auto", "onednn", torch.float16),  # opt-in: half the K/V bytes
+}
 BLOCK_SIZE = 16
 
 
@@ -97,13 +109,14 @@ def read_bandwidth_gbs(repeats: int) -> float:
     return data.numel() * data.element_size() / seconds / 1e9
 
 
-def decode_inputs(model: LlamaForCausalLM, batch: int, context: int, generator: torch.Generator):
+def decode_inputs(model: LlamaForCausalLM, batch: int, context: int, generator: torch.Generator,
+                  kv_dtype: torch.dtype = torch.float32):
     """A random KV pool (every slot filled) and one decode token per sequence after `context`."""
     seq_len = context + 1
     blocks_per_seq = -(-seq_len // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq + 1
     shape = (num_blocks, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
-    caches = [(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
+    caches = [(torch.randn(shape, generator=generator).to(kv_dtype), torch.randn(shape, generator=generator).to(kv_dtype))
               for _ in range(model.num_layers)]
     ids = torch.randperm(num_blocks, generator=generator)[: batch * blocks_per_seq].view(batch, -1)
     attn = AttentionMetadata.build(ids.tolist(), [seq_len] * batch, [1] * batch, BLOCK_SIZE)
@@ -112,8 +125,8 @@ def decode_inputs(model: LlamaForCausalLM, batch: int, context: int, generator: 
     return caches, attn, input_ids, positions
 
 
-def kv_bytes(model: LlamaForCausalLM, batch: int, context: int) -> int:
-    per_token = 2 * model.num_kv_heads * model.head_dim * 4 * model.num_layers
+def kv_bytes(model: LlamaForCausalLM, batch: int, context: int, kv_dtype: torch.dtype = torch.float32) -> int:
+    per_token = 2 * model.num_kv_heads * model.head_dim * kv_dtype.itemsize * model.num_layers
     return batch * (context + 1) * per_token
 
 
@@ -175,7 +188,8 @@ def step_ms(model: LlamaForCausalLM, batch: int, context: int, repeats: int) -> 
 def measure_point(config: str, model: LlamaForCausalLM, ops: AttentionOps, batch: int, context: int,
                   gemm: dict[str, float], bandwidth_gbs: float, repeats: int) -> StepPoint:
     generator = torch.Generator().manual_seed(batch * 100_003 + context)
-    caches, attn, input_ids, positions = decode_inputs(model, batch, context, generator)
+    kv_dtype = CONFIGS[config].kv_dtype
+    caches, attn, input_ids, positions = decode_inputs(model, batch, context, generator, kv_dtype)
     step = decode_step(model, caches, attn, input_ids, positions)
     q = torch.randn(batch, model.num_heads, model.head_dim, generator=generator)
     scale = model.head_dim**-0.5
@@ -185,7 +199,7 @@ def measure_point(config: str, model: LlamaForCausalLM, ops: AttentionOps, batch
             ops.paged_attention(q, k_cache, v_cache, attn.block_tables, attn.seq_lens, attn.cu_seqlens_q, scale,
                                 query_lens_cpu=attn.query_lens_cpu, seq_lens_cpu=attn.seq_lens_cpu)
 
-    num_bytes = kv_bytes(model, batch, context)
+    num_bytes = kv_bytes(model, batch, context, kv_dtype)
     return StepPoint(
         config=config, batch=batch, context=context,
         step_ms=median_s(step, repeats) * 1e3,
@@ -234,10 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     gemm_cache: dict[int, dict[str, float]] = {}
     weight_bytes = 0
     for config in args.configs:
-        model, ops = build(model_dir, *CONFIGS[config])
+        model, ops = build(model_dir, CONFIGS[config].attention, CONFIGS[config].linear)
         weight_bytes = sum(k * n * 4 for k, n in linear_shapes(model))
         for batch, context in grid:
-            pool_gib = kv_bytes(model, batch, context) / (1 << 30)
+            pool_gib = kv_bytes(model, batch, context, CONFIGS[config].kv_dtype) / (1 << 30)
             if pool_gib > args.max_kv_gib:
                 print(f"skip batch {batch} context {context}: KV pool {pool_gib:.1f} GiB > --max-kv-gib")
                 continue

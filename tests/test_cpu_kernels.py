@@ -107,6 +107,21 @@ def test_half_precision_caches_accumulate_in_float32(kernels, seed, dtype, atol)
     assert_matches_naive(out, batch, atol=atol, rtol=atol / 2)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+def test_float32_queries_over_a_16_bit_cache(kernels, seed, cache_dtype):
+    """--kv-cache-dtype under a float32 model: q and out stay float32, only K/V are 16-bit."""
+    random.seed(seed)
+    seq_lens, query_lens = mixed_lens(16)
+    batch = make_batch(seq_lens, query_lens, 9, 3, 64, 16)
+    batch["k_cache"], batch["v_cache"] = batch["k_cache"].to(cache_dtype), batch["v_cache"].to(cache_dtype)
+    out = run_kernel(kernels, batch)
+    assert out.dtype == torch.float32
+    # Exact but for float32 rounding, given the cache's (rounded) values: the naive reference reads
+    # the same 16-bit numbers.
+    assert_matches_naive(out, batch)
+    torch.testing.assert_close(out, paged_attention(**batch), atol=1e-5, rtol=1e-5)
+
+
 def test_query_may_be_a_strided_slice_of_fused_qkv(kernels, seed):
     random.seed(seed)
     seq_lens, query_lens = [33, 5, 64], [1, 5, 20]
@@ -160,8 +175,13 @@ def test_bad_inputs_raise(kernels, seed):
         kernels.paged_attention(**{**batch, "cu_seqlens_q": torch.tensor([0, 1, 12], dtype=torch.int32)})
     with pytest.raises(RuntimeError, match="int32"):
         kernels.paged_attention(**{**batch, "seq_lens": batch["seq_lens"].long()})
-    with pytest.raises(RuntimeError, match="share a dtype"):
+    with pytest.raises(RuntimeError, match="or q must be float32"):
         kernels.paged_attention(**{**batch, "q": batch["q"].double()})
+    with pytest.raises(RuntimeError, match="or q must be float32"):
+        kernels.paged_attention(**{**batch, "q": batch["q"].half(), "k_cache": batch["k_cache"].bfloat16(),
+                                   "v_cache": batch["v_cache"].bfloat16()})
+    with pytest.raises(RuntimeError, match="k_cache and v_cache must share a dtype"):
+        kernels.paged_attention(**{**batch, "v_cache": batch["v_cache"].half()})
 
 
 def test_write_kv_is_exact(kernels, seed):

@@ -25,7 +25,8 @@ struct AttentionArgs {
   int64_t q_token_stride, q_head_stride;  // in elements
   int64_t block_table_stride;
   int32_t num_heads, num_kv_heads, head_dim, block_size;
-  int32_t dtype;  // of q, the caches and out alike
+  int32_t dtype;     // of q and out
+  int32_t kv_dtype;  // of the caches: dtype, or 16-bit under a float32 model (half the bytes to read)
   float scale;
 };
 

@@ -312,9 +312,10 @@ struct HeadState {
 
 // One decode row, KV heads [kv_head, kv_head_end): per chunk of kDecodeChunk keys, every head's
 // keys of the same tokens, so each token's whole K and V rows are read within the chunk.
-template <class D, int M>
+template <class Q, class D, int M>
 void run_decode_heads(const AttentionArgs& args, const WorkItem& item) {
   using T = typename D::T;
+  using QT = typename Q::T;
   const int head_dim = args.head_dim;
   const int num_kv = item.kv_head_end - item.kv_head;
   const int q_start = args.cu_seqlens_q[item.seq];
@@ -322,10 +323,10 @@ void run_decode_heads(const AttentionArgs& args, const WorkItem& item) {
   HeadState<M> heads[kMaxHeadsPerItem];
   for (int h = 0; h < num_kv; ++h) {
     for (int g = 0; g < M; ++g) {
-      const T* q = static_cast<const T*>(args.q) + q_start * args.q_token_stride +
-                   ((item.kv_head + h) * M + g) * args.q_head_stride;
+      const QT* q = static_cast<const QT*>(args.q) + q_start * args.q_token_stride +
+                    ((item.kv_head + h) * M + g) * args.q_head_stride;
       for (int d = 0; d < head_dim; ++d) {
-        heads[h].q[g * head_dim + d] = load1<D>(q + d) * args.scale;
+        heads[h].q[g * head_dim + d] = load1<Q>(q + d) * args.scale;
         heads[h].acc[g * head_dim + d] = 0.0f;
       }
       heads[h].max[g] = kNegInf;
@@ -364,26 +365,26 @@ void run_decode_heads(const AttentionArgs& args, const WorkItem& item) {
       accumulate_values_group<D, M>(heads[h], count, head_dim, values);
     }
   }
-  T* out = static_cast<T*>(args.out);
+  QT* out = static_cast<QT*>(args.out);
   for (int h = 0; h < num_kv; ++h) {
     for (int g = 0; g < M; ++g) {
-      T* o = out + (int64_t(q_start) * args.num_heads + (item.kv_head + h) * M + g) * head_dim;
+      QT* o = out + (int64_t(q_start) * args.num_heads + (item.kv_head + h) * M + g) * head_dim;
       const float inv = 1.0f / heads[h].sum[g];
-      for (int d = 0; d < head_dim; ++d) store1<D>(o + d, heads[h].acc[g * head_dim + d] * inv);
+      for (int d = 0; d < head_dim; ++d) store1<Q>(o + d, heads[h].acc[g * head_dim + d] * inv);
     }
   }
 }
 
-template <class D>
+template <class Q, class D>
 void run_decode_heads_for_group(const AttentionArgs& args, const WorkItem& item, int group) {
   switch (group) {
-    case 1: return run_decode_heads<D, 1>(args, item);
-    case 2: return run_decode_heads<D, 2>(args, item);
-    case 3: return run_decode_heads<D, 3>(args, item);
-    case 4: return run_decode_heads<D, 4>(args, item);
-    case 5: return run_decode_heads<D, 5>(args, item);
-    case 6: return run_decode_heads<D, 6>(args, item);
-    default: return run_decode_heads<D, 7>(args, item);
+    case 1: return run_decode_heads<Q, D, 1>(args, item);
+    case 2: return run_decode_heads<Q, D, 2>(args, item);
+    case 3: return run_decode_heads<Q, D, 3>(args, item);
+    case 4: return run_decode_heads<Q, D, 4>(args, item);
+    case 5: return run_decode_heads<Q, D, 5>(args, item);
+    case 6: return run_decode_heads<Q, D, 6>(args, item);
+    default: return run_decode_heads<Q, D, 7>(args, item);
   }
 }
 
@@ -402,12 +403,14 @@ void run_tiles(TileState& st, const KeyRows<D>& rows, int num_queries, int num_k
   }
 }
 
-template <class D>
+// `Q`: the storage of q and out; `D`: that of the caches (the same, or 16-bit under float32).
+template <class Q, class D>
 void attention_tile(const AttentionArgs& args, const WorkItem& item) {
   using T = typename D::T;
+  using QT = typename Q::T;
   const int head_dim = args.head_dim;
   const int group = args.num_heads / args.num_kv_heads;
-  if (item.kv_head_end - item.kv_head > 1) return run_decode_heads_for_group<D>(args, item, group);
+  if (item.kv_head_end - item.kv_head > 1) return run_decode_heads_for_group<Q, D>(args, item, group);
   const int q_start = args.cu_seqlens_q[item.seq];
   const int q_len = args.cu_seqlens_q[item.seq + 1] - q_start;
   const int context = args.seq_lens[item.seq] - q_len;  // cached tokens before the chunk
@@ -418,10 +421,10 @@ void attention_tile(const AttentionArgs& args, const WorkItem& item) {
   for (int row = item.row_begin; row < item.row_end; ++row) {
     for (int g = 0; g < group; ++g) {
       const int m = (row - item.row_begin) * group + g;
-      const T* q = static_cast<const T*>(args.q) + (q_start + row) * args.q_token_stride +
-                   (first_head + g) * args.q_head_stride;
+      const QT* q = static_cast<const QT*>(args.q) + (q_start + row) * args.q_token_stride +
+                    (first_head + g) * args.q_head_stride;
       for (int d = 0; d < head_dim; ++d) {
-        st.q[m * head_dim + d] = load1<D>(q + d) * args.scale;
+        st.q[m * head_dim + d] = load1<Q>(q + d) * args.scale;
         st.acc[m * head_dim + d] = 0.0f;
       }
       st.max[m] = kNegInf;
@@ -436,22 +439,29 @@ void attention_tile(const AttentionArgs& args, const WorkItem& item) {
                         args.block_size};
   run_tiles<D>(st, rows, num_queries, context + item.row_end, head_dim);  // the last row's keys
 
-  T* out = static_cast<T*>(args.out);
+  QT* out = static_cast<QT*>(args.out);
   for (int row = item.row_begin; row < item.row_end; ++row) {
     for (int g = 0; g < group; ++g) {
       const int m = (row - item.row_begin) * group + g;
-      T* o = out + (int64_t(q_start + row) * args.num_heads + first_head + g) * head_dim;
+      QT* o = out + (int64_t(q_start + row) * args.num_heads + first_head + g) * head_dim;
       const float inv = 1.0f / st.sum[m];
-      for (int d = 0; d < head_dim; ++d) store1<D>(o + d, st.acc[m * head_dim + d] * inv);
+      for (int d = 0; d < head_dim; ++d) store1<Q>(o + d, st.acc[m * head_dim + d] * inv);
     }
   }
 }
 
+// ops.cpp admits a cache dtype other than q's only under float32 q.
 inline void dispatch(const AttentionArgs& args, const WorkItem& item) {
+  if (args.dtype == kFloat32) {
+    switch (args.kv_dtype) {
+      case kFloat32: return attention_tile<F32, F32>(args, item);
+      case kBFloat16: return attention_tile<F32, BF16>(args, item);
+      default: return attention_tile<F32, F16>(args, item);
+    }
+  }
   switch (args.dtype) {
-    case kFloat32: return attention_tile<F32>(args, item);
-    case kBFloat16: return attention_tile<BF16>(args, item);
-    default: return attention_tile<F16>(args, item);
+    case kBFloat16: return attention_tile<BF16, BF16>(args, item);
+    default: return attention_tile<F16, F16>(args, item);
   }
 }
 

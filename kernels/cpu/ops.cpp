@@ -121,8 +121,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.sizes() == v_cache.sizes(),
               "k_cache and v_cache must be contiguous [blocks, block_size, kv_heads, head_dim] alike");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "q, k_cache and v_cache must share a dtype");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must share a dtype");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() || q.scalar_type() == at::kFloat,
+              "the caches must have q's dtype, or q must be float32 (over a 16-bit cache)");
   check_index_tensor(block_tables, "block_tables", 2);
   check_index_tensor(seq_lens, "seq_lens", 1);
   check_index_tensor(cu_seqlens_q, "cu_seqlens_q", 1);
@@ -163,6 +164,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   args.head_dim = int32_t(head_dim);
   args.block_size = int32_t(k_cache.size(1));
   args.dtype = dtype_code(q);
+  args.kv_dtype = dtype_code(k_cache);
   args.scale = float(scale);
 
   const std::vector<WorkItem> items = plan_items(args, num_seqs, k_cache.size(0), q.size(0), at::get_num_threads());
