@@ -18,7 +18,14 @@ from pathlib import Path
 
 from clients.bench.cli import add_bench_arguments, run_bench
 from gateway_svc.cli import add_gateway_arguments, run_gateway
-from worker_svc.backends import ATTENTION_BACKENDS, ATTENTION_HELP, LINEAR_BACKENDS, LINEAR_HELP
+from worker_svc.backends import (
+    ATTENTION_BACKENDS,
+    ATTENTION_HELP,
+    KV_CACHE_DTYPE_HELP,
+    LINEAR_BACKENDS,
+    LINEAR_HELP,
+)
+from worker_svc.parallel_config import DIST_BACKEND_HELP, DIST_BACKENDS, check_shardable, threads_per_rank
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -77,6 +84,9 @@ def _add_scheduler_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="gRPC listen address")
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="default model name, a .gguf file, or a HF checkpoint directory")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="worker processes (ranks) the model is sharded over; serve starts them, a scheduler "
+                             "waits for all N (default: %(default)s)")
     parser.add_argument("--max-num-seqs", type=int, default=128, help="most sequences in one step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     parser.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
@@ -154,6 +164,8 @@ def _add_request_limit_flags(parser: argparse.ArgumentParser) -> None:
 def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help=KV_CACHE_DTYPE_HELP)
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: from memory)")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None, help="CPU: memory for the KV pool")
@@ -166,6 +178,7 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-format", default="auto", choices=["auto", "random"], help="random: random weights for the config")
     parser.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS), help=ATTENTION_HELP)
     parser.add_argument("--linear-backend", default="auto", choices=list(LINEAR_BACKENDS), help=LINEAR_HELP)
+    parser.add_argument("--dist-backend", default="auto", choices=list(DIST_BACKENDS), help=DIST_BACKEND_HELP)
 
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
@@ -195,19 +208,58 @@ def prepare_model_dir(spec: str) -> Path:
     return Path(output.strip().splitlines()[-1])
 
 
-def worker_command(args: argparse.Namespace, endpoint: str, model_dir: Path, rank: int = 0) -> list[str]:
+def worker_commands(args: argparse.Namespace, endpoint: str, model_dir: Path) -> list[list[str]]:
+    """The command lines of the `--tensor-parallel-size` ranks `serve` starts on this machine: on
+    GPUs rank r takes `cuda:r`, on a CPU each its share of the cores (unless --num-threads)."""
+    world_size = args.tensor_parallel_size
+    if world_size == 1:
+        return [worker_command(args, endpoint, model_dir)]
+    rendezvous = f"tcp://127.0.0.1:{_free_port()}"  # a fresh one each start: no stale peers
+    threads = args.num_threads or threads_per_rank(len(os.sched_getaffinity(0)), world_size)
+    return [worker_command(args, endpoint, model_dir, rank, world_size)
+            + ["--dist-init-method", rendezvous, "--dist-backend", args.dist_backend, "--num-threads", str(threads)]
+            for rank in range(world_size)]
+
+
+def worker_command(args: argparse.Namespace, endpoint: str, model_dir: Path, rank: int = 0,
+                   world_size: int = 1) -> list[str]:
     command = [sys.executable, "-m", "worker_svc", "--scheduler", endpoint, "--rank", str(rank),
-               "--world-size", "1", "--model", str(model_dir), "--device", args.device, "--dtype", args.dtype,
+               "--world-size", str(world_size), "--model", str(model_dir), "--device", args.device, "--dtype", args.dtype,
+               "--kv-cache-dtype", args.kv_cache_dtype,
                "--block-size", str(args.block_size), "--load-format", args.load_format,
                "--attention-backend", args.attention_backend, "--linear-backend", args.linear_backend,
                "--parent-pid", str(os.getpid())]
     command += ["--log-level", args.log_level.upper()]
-    for flag in ("num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "max_model_len", "swap_space_gb",
-                 "num_threads"):
+    flags = ["num_kv_blocks", "kv_cache_memory_gb", "gpu_memory_utilization", "max_model_len", "swap_space_gb"]
+    for flag in flags + (["num_threads"] if world_size == 1 else []):
         value = getattr(args, flag)
         if value is not None:
             command += [f"--{flag.replace('_', '-')}", str(value)]
     return command
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _check_tensor_parallel_size(args: argparse.Namespace, model_dir: Path | None) -> None:
+    """Refuse a --tensor-parallel-size the model's heads cannot be split by, before any rank starts."""
+    import json
+    from types import SimpleNamespace
+
+    if args.tensor_parallel_size < 1:
+        raise SystemExit(f"omnibus: --tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
+    config_file = None if model_dir is None else model_dir / "config.json"
+    if args.tensor_parallel_size == 1 or config_file is None or not config_file.is_file():
+        return
+    try:
+        check_shardable(SimpleNamespace(**json.loads(config_file.read_text())), args.tensor_parallel_size)
+    except (ValueError, AttributeError) as error:
+        raise SystemExit(f"omnibus: --tensor-parallel-size: {error}") from None
 
 
 def _tls_config(args: argparse.Namespace):
@@ -253,6 +305,7 @@ def _serving_options(args: argparse.Namespace, model_dir: Path, **overrides):
         heartbeat_timeout_s=args.heartbeat_timeout,
         worker_restart_timeout_s=args.worker_restart_timeout,
         max_worker_restarts=getattr(args, "max_worker_restarts", 0),  # a scheduler alone spawns none
+        world_size=args.tensor_parallel_size,
         metrics_port=args.metrics_port or None,
         tls=_tls_config(args),
         stall_timeout_s=args.stall_timeout,
@@ -294,10 +347,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     from scheduler_svc.worker_link_security import private_worker_endpoint
 
     _tls_config(args)  # a flag mistake should fail before the model is prepared
+    _check_tensor_parallel_size(args, None)
     model_dir = prepare_model_dir(args.model)
+    _check_tensor_parallel_size(args, model_dir)
 
     def spawn(endpoint: str) -> list[subprocess.Popen]:
-        return [subprocess.Popen(worker_command(args, endpoint, model_dir))]
+        return [subprocess.Popen(command) for command in worker_commands(args, endpoint, model_dir)]
 
     # The worker is ours and local: an ipc socket only this user can open keeps others off the link.
     with private_worker_endpoint() as worker_bind:
@@ -306,8 +361,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _run_scheduler(args: argparse.Namespace) -> int:
     _tls_config(args)
+    _check_tensor_parallel_size(args, None)
     worker_keys = _worker_link(args)
     model_dir = prepare_model_dir(args.model)
+    _check_tensor_parallel_size(args, model_dir)
     options = _serving_options(args, model_dir, worker_bind=args.worker_bind, worker_keys=worker_keys,
                                insecure_worker_link=args.insecure_worker_link)
     return asyncio.run(_serve_until_signal(options, None))

@@ -255,10 +255,14 @@ class ServingApp:
 
     async def _kill_spawned(self) -> None:
         """Make sure no earlier worker lives on (one gone silent still holds its identity)."""
+        # Unwatch them all first: a tensor-parallel rank that exits while its peers are killed is
+        # the death being handled, not another one.
         for process in self._spawned:
             self.workers.unwatch_process(process)
+        for process in self._spawned:
             if process.poll() is None:
                 process.kill()
+        for process in self._spawned:
             await asyncio.to_thread(process.wait, 10)
 
     def _give_up(self, reason: str) -> None:

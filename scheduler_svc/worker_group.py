@@ -11,6 +11,12 @@ anew, spawned again by the app (`omnibus serve`) or by their own supervisor. `nu
 `generation` (full registrations) tell the engine that the workers' state is gone; a returning
 worker must match the first ones (model, block size, at least their KV pool and swap space).
 
+A tensor-parallel group (`world_size` > 1, worker_svc/tensor_parallel.py) is one worker to the
+engine: it serves once every rank registered with the same model, block size, vocabulary, length
+limit and dtype; each plan is encoded once and sent to every rank; rank 0's tokens are the step's
+(the others must report the same ones); and any rank's death, failed step or disagreement is the
+group's death, since the other ranks may be waiting in a collective that will never complete.
+
 A worker that heartbeats without having registered here belongs to a previous incarnation of
 this scheduler (it crashed and restarted on the same address): it is asked to `Reregister`, so
 a separately started worker rejoins a restarted scheduler without being restarted itself.
@@ -36,6 +42,11 @@ from scheduler_svc.protocol import Heartbeat, Reregister, StepPlan, StepResult, 
 from scheduler_svc.worker_link_security import CurveServer, SchedulerKeys, check_worker_bind
 
 _REREGISTER_INTERVAL_S = 2.0  # between two requests to the same unregistered worker
+# A worker's first heartbeats may overtake its hello (another socket): ask it to register only once
+# it has beaten unregistered this long, so that a starting worker is never asked. (A
+# tensor-parallel rank asked to register exits, worker.py.)
+_REREGISTER_GRACE_S = 1.0
+_MAX_UNREGISTERED_TRACKED = 1024
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +107,7 @@ class WorkerGroup:
         self._registered = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._asked_to_register: dict[int, float] = {}  # rank -> when we last asked
+        self._unregistered_beats: dict[tuple[int, int], float] = {}  # (rank, pid) -> first beat seen
         self.dead_reason: str | None = None
         self.num_dropped_frames = 0  # malformed or unexpected messages, logged and ignored
         self.num_deaths = 0  # deaths declared: exits, silences, double registrations
@@ -201,7 +213,11 @@ class WorkerGroup:
                 self._drop(frames, repr(error))
                 continue
             if isinstance(message, Heartbeat) and message.rank not in self._workers:
-                await self._ask_to_register(message.rank)
+                if len(self._unregistered_beats) > _MAX_UNREGISTERED_TRACKED:  # beats with made-up pids
+                    self._unregistered_beats.clear()
+                first_beat = self._unregistered_beats.setdefault((message.rank, message.pid), time.monotonic())
+                if time.monotonic() - first_beat >= _REREGISTER_GRACE_S:
+                    await self._ask_to_register(message.rank)
 
     def _decode(self, frames: list[bytes]) -> tuple[bytes, object]:
         # A worker's DEALER sends one frame; the ROUTER puts the sender's identity before it.
@@ -244,6 +260,12 @@ class WorkerGroup:
         elif isinstance(message, WorkerError):
             self._check_sender(identity, message.rank)
             self._heartbeats[message.rank] = now
+            if self.world_size > 1:
+                # Its peers may be waiting in a collective of that step: the group is out of step
+                # for good (the rank exits, worker.py), so it is lost as a whole and restarts.
+                self._declare_dead(f"worker rank {message.rank} failed step {message.step_id} of a "
+                                   f"tensor-parallel group: {message.message}")
+                return
             # A negative step id: the worker could not even decode what we sent. Only one plan is
             # in flight at a time, so it is the pending one, which would otherwise never resolve.
             step_id = None if message.step_id < 0 else message.step_id
@@ -255,6 +277,10 @@ class WorkerGroup:
             raise _DroppedFrame(f"a reply claiming rank {rank} from {identity!r}, not that rank's registered worker")
 
     def _register(self, identity: bytes, hello: WorkerHello, now: float) -> None:
+        if hello.world_size != self.world_size or not 0 <= hello.rank < self.world_size:
+            raise _DroppedFrame(f"registration refused: a worker of rank {hello.rank} in a group of "
+                                f"{hello.world_size}, this scheduler serves a group of {self.world_size} "
+                                f"(--tensor-parallel-size)")
         known = self._workers.get(hello.rank)
         if known is not None and known.hello.pid == hello.pid:
             # The same process answering a Reregister that crossed its first hello (its first
@@ -294,6 +320,10 @@ class WorkerGroup:
             return
         pending.results[result.rank] = result
         if len(pending.results) == len(self._workers) and not pending.future.done():
+            disagreement = _disagreement(pending.results)
+            if disagreement is not None:
+                self._declare_dead(disagreement)
+                return
             pending.future.set_result(pending.results[0])
 
     def _fail_pending(self, step_id: int | None, error: Exception) -> None:
@@ -344,13 +374,24 @@ class WorkerGroup:
 def _check_agreement(hellos: list[WorkerHello]) -> list[WorkerHello]:
     first = hellos[0]
     for hello in hellos[1:]:
-        for name in ("model_fingerprint", "block_size", "vocab_size", "world_size"):
+        for name in ("model_fingerprint", "block_size", "vocab_size", "world_size", "max_model_len", "dtype"):
             if getattr(hello, name) != getattr(first, name):
                 raise WorkerRegistrationError(
                     f"workers disagree on {name}: rank 0 has {getattr(first, name)!r}, "
                     f"rank {hello.rank} has {getattr(hello, name)!r}"
                 )
     return hellos
+
+
+def _disagreement(results: dict[int, StepResult]) -> str | None:
+    """Why tensor-parallel ranks' results of one step differ, or None. Rank 0 samples for all
+    (worker_svc/tensor_parallel.py), so a difference means their request states have parted."""
+    first = results[0]
+    for rank, result in sorted(results.items()):
+        if (result.req_ids, result.token_ids) != (first.req_ids, first.token_ids):
+            return (f"worker ranks 0 and {rank} disagree on the tokens of step {first.step_id}: "
+                    f"{list(zip(first.req_ids, first.token_ids))[:4]} vs {list(zip(result.req_ids, result.token_ids))[:4]}")
+    return None
 
 
 def _check_can_replace(first: list[WorkerHello], hello: WorkerHello) -> None:

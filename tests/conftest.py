@@ -95,3 +95,19 @@ def certs(tmp_path_factory) -> dict[str, Path]:
     from tests.certificates import write_certificates
 
     return write_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="session")
+def spine_prompts(model_dir: Path) -> list[list[int]]:
+    """The spine's chat prompts (tests/greedy_reference.py), tokenized."""
+    from tests.greedy_reference import spine_prompts as tokenize_spine
+
+    return tokenize_spine(model_dir)
+
+
+@pytest.fixture(scope="session")
+def spine_reference(model_dir: Path, spine_prompts: list[list[int]]):
+    """Per spine prompt: transformers' greedy token ids and top-2 logit gap per step."""
+    from tests.greedy_reference import greedy_reference
+
+    return greedy_reference(model_dir, spine_prompts)

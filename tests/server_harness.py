@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -91,12 +92,22 @@ class ServerThread:
         return pb_grpc.GenerationStub(self.channel())
 
     def _spawn(self, endpoint: str) -> list[subprocess.Popen]:
+        """One worker, or `world_size` tensor-parallel ranks meeting at a fresh rendezvous."""
         command = [
             sys.executable, "-m", "worker_svc", "--scheduler", endpoint, "--model", str(self.model_dir),
             "--device", "cpu", "--num-kv-blocks", str(self.num_kv_blocks), "--block-size", "16",
             "--parent-pid", str(os.getpid()), *self.worker_args,
         ]
-        self.processes = [subprocess.Popen(command)]
+        world_size = self.options.world_size
+        if world_size == 1:
+            self.processes = [subprocess.Popen(command)]
+            return self.processes
+        rendezvous = f"tcp://127.0.0.1:{free_port()}"
+        self.processes = [
+            subprocess.Popen([*command, "--rank", str(rank), "--world-size", str(world_size),
+                              "--dist-init-method", rendezvous])
+            for rank in range(world_size)
+        ]
         return self.processes
 
     async def _main(self) -> None:
@@ -113,6 +124,12 @@ class ServerThread:
         self._ready.set_result(None)
         await self._stop.wait()
         await self.app.stop(grace_s=1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def greedy_request(prompt_token_ids: list[int], max_tokens: int, **sampling) -> pb.GenerateRequest:

@@ -12,7 +12,7 @@ import torch
 from kernels import cpu_ops, reference
 from worker_svc.cpu_linear import PackedLinear, pack_linears, resolve_linear_backend
 from worker_svc.models.llama import Linear
-from worker_svc.worker import WorkerConfig, attention_ops
+from worker_svc.worker import WorkerConfig, attention_ops, resolve_kv_cache_dtype
 
 
 def test_torch_backend_is_the_reference():
@@ -51,13 +51,17 @@ def test_cuda_backend_needs_a_cuda_device():
         attention_ops("cuda", torch.device("cpu"))
 
 
-def test_config_rejects_unknown_backends_and_tensor_parallelism():
+def test_config_rejects_unknown_backends_and_a_group_without_rendezvous():
     with pytest.raises(ValueError, match="attention_backend"):
         WorkerConfig(scheduler="tcp://127.0.0.1:1", attention_backend="triton")
     with pytest.raises(ValueError, match="linear_backend"):
         WorkerConfig(scheduler="tcp://127.0.0.1:1", linear_backend="mkl")
-    with pytest.raises(ValueError, match="tensor parallelism"):
+    with pytest.raises(ValueError, match="needs a dist_init_method"):
         WorkerConfig(scheduler="tcp://127.0.0.1:1", world_size=2, rank=1)
+    with pytest.raises(ValueError, match="dist_backend"):
+        WorkerConfig(scheduler="tcp://127.0.0.1:1", world_size=2, rank=1, dist_init_method="env://",
+                     dist_backend="mpi")
+    WorkerConfig(scheduler="tcp://127.0.0.1:1", world_size=2, rank=1, dist_init_method="tcp://127.0.0.1:2")
 
 
 class TwoLinears(torch.nn.Module):
@@ -115,3 +119,18 @@ def test_a_cached_build_loads_without_the_toolchain(monkeypatch):
 
     monkeypatch.setattr(cpp_extension, "load", no_toolchain)
     assert cpu_ops.CpuAttention(cpu_ops.build_extension()).isa in ("avx512", "avx2")
+
+
+def test_kv_cache_dtype_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_kv_cache_dtype("auto", torch.float32, "auto", cpu) == torch.float32
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16, "auto", cuda) == torch.bfloat16
+    assert resolve_kv_cache_dtype("float16", torch.float32, "auto", cpu) == torch.float16
+    assert resolve_kv_cache_dtype("bfloat16", torch.float32, "torch", cuda) == torch.bfloat16  # the reference reads any
+    assert resolve_kv_cache_dtype("bfloat16", torch.bfloat16, "cuda", cuda) == torch.bfloat16
+    with pytest.raises(ValueError, match="needs a float32 model"):
+        resolve_kv_cache_dtype("float16", torch.bfloat16, "auto", cpu)
+    with pytest.raises(ValueError, match="CUDA kernels read a cache of the model's dtype only"):
+        resolve_kv_cache_dtype("float16", torch.float32, "auto", cuda)
+    with pytest.raises(ValueError, match="kv_cache_dtype 'int8'"):
+        WorkerConfig(scheduler="tcp://127.0.0.1:1", kv_cache_dtype="int8")

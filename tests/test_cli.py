@@ -27,8 +27,9 @@ def free_port() -> int:
 class LoggedProcess:
     """A child process whose combined output is collected by a thread, so waits can read it."""
 
-    def __init__(self, command: list[str]):
-        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def __init__(self, command: list[str], env: dict[str, str] | None = None):
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=env)
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 

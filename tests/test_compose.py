@@ -201,6 +201,25 @@ def test_second_gpu_profile_adds_a_replica_on_gpu_1():
     assert sorted(gpus) == ["0", "1"], "each worker must reserve a GPU of its own"
 
 
+def test_tp2_profile_shards_one_replica_over_two_gpus():
+    targets = ["scheduler-tp2", "worker-tp2-rank0", "worker-tp2-rank1"]
+    assert set(enabled({"tp2"}, targets)) == set(targets)
+    assert f"--profile tp2 up -d {' '.join(targets)}" in (ROOT / "compose.yaml").read_text()
+    assert flag(omnibus_command("scheduler-tp2"), "--tensor-parallel-size") == "2"
+    rendezvous, gpus = set(), []
+    for rank, name in enumerate(targets[1:]):
+        command = omnibus_command(name)
+        assert flag(command, "--scheduler").startswith("tcp://scheduler-tp2:")
+        assert (flag(command, "--rank"), flag(command, "--world-size")) == (str(rank), "2")
+        assert flag(command, "--dist-backend") == "nccl" and flag(command, "--device") == "cuda"
+        rendezvous.add(flag(command, "--dist-init-method"))
+        gpus += [gpu for device in gpu_devices(SERVICES[name]) for gpu in reserved_gpus(device)]
+    [address] = rendezvous  # both ranks meet at one address: rank 0's service
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    assert host == "worker-tp2-rank0" and port in SERVICES[host]["expose"]
+    assert gpus == ["0", "1"], "rank r must reserve GPU r, and only it"
+
+
 def test_envoy_waits_for_a_ready_scheduler_and_finds_every_replica():
     envoy = SERVICES["envoy"]
     assert envoy["depends_on"]["scheduler"]["condition"] == "service_healthy"

@@ -13,56 +13,21 @@ import grpc
 import pytest
 
 from omnibus.v1 import generation_pb2 as pb
-from scheduler_svc.tokenizer import ChatTurn, ModelTokenizer
+from tests.greedy_reference import NEAR_TIE_16BIT_KV, NUM_NEW_TOKENS, assert_all_match, assert_matches_reference
 from tests.server_harness import ServerThread, collect_tokens, greedy_request
 
 pytestmark = pytest.mark.model
 
-NUM_NEW_TOKENS = 64
-NEAR_TIE = 1e-3
-PARAGRAPH = (
-    "The history of computing is a story of abstraction layered on abstraction, from relays and "
-    "vacuum tubes to transistors, integrated circuits and the programs that run on them. "
-)
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis to a child.",
-    "List three prime numbers and explain why they are prime.",
-    "Summarize the following text. " + PARAGRAPH * 6,
-    "Translate 'good morning' into Spanish, French and German.",
-    "Summarize the following text in one sentence. " + PARAGRAPH * 9,
-    "Give me a short recipe for pancakes.",
-]
 
 
 @pytest.fixture(scope="module")
-def prompts(model_dir) -> list[list[int]]:
-    tokenizer = ModelTokenizer(model_dir)
-    prompts = [tokenizer.encode_chat([ChatTurn("user", q)]) for q in QUESTIONS]
-    assert sum(len(p) > 200 for p in prompts) >= 2, [len(p) for p in prompts]
-    return prompts
+def prompts(spine_prompts) -> list[list[int]]:
+    return spine_prompts
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir, prompts):
-    """Per prompt: (greedy token ids, top-2 logit gap per step) from transformers generate."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # as ignore_eos: the model's own config would stop at EOS
-    config = GenerationConfig(max_new_tokens=NUM_NEW_TOKENS, do_sample=False, eos_token_id=None,
-                              pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    results = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            input_ids = torch.tensor([prompt])
-            # An explicit mask: generate would otherwise mask every prompt token equal to pad_token_id.
-            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
-            top2 = torch.stack(out.scores)[:, 0].topk(2, dim=-1).values
-            results.append((out.sequences[0, len(prompt):].tolist(), (top2[:, 0] - top2[:, 1]).tolist()))
-    return results
+def reference(spine_reference):
+    return spine_reference
 
 
 @pytest.fixture(scope="module")
@@ -98,20 +63,12 @@ def chunked_server(model_dir):
     running.stop()
 
 
-def assert_matches_reference(ours: list[int], expected: list[int], gaps: list[float], label: str) -> None:
-    assert len(ours) == len(expected), f"{label}: {len(ours)} tokens, expected {len(expected)}"
-    for step, (got, want) in enumerate(zip(ours, expected)):
-        if got != want:
-            assert gaps[step] < NEAR_TIE, (
-                f"{label}: step {step} gave {got}, transformers gave {want}; the reference's top-2 gap "
-                f"there is {gaps[step]:.2e}, not a near-tie"
-            )
-            return  # after a legitimate near-tie the continuations may differ
-
-
-def assert_all_match(outputs: list[list[int]], reference, label: str) -> None:
-    for index, (ours, (expected, gaps)) in enumerate(zip(outputs, reference)):
-        assert_matches_reference(ours, expected, gaps, f"prompt {index} {label}")
+@pytest.fixture(scope="module")
+def half_kv_server(model_dir):
+    """The float32 model over a float16 KV pool (--kv-cache-dtype float16)."""
+    running = ServerThread(model_dir, num_kv_blocks=512, worker_args=["--kv-cache-dtype", "float16"]).start()
+    yield running
+    running.stop()
 
 
 def generate_concurrently(server: ServerThread, requests: list[pb.GenerateRequest]) -> list[list[int]]:
@@ -238,3 +195,11 @@ def test_stop_string_and_usage(server):
         prompt="Count from one to ten: one, two, three,", sampling=pb.SamplingParams(max_tokens=40, stop=[" six"])))
     assert " six" not in text and last.finish_reason == pb.FINISH_REASON_STOP, text
     assert last.usage.completion_tokens == len(tokens) and last.usage.prompt_tokens > 0
+
+
+def test_float16_kv_cache_matches_transformers(half_kv_server, server, prompts, reference):
+    outputs = generate_concurrently(half_kv_server, [greedy_request(p, NUM_NEW_TOKENS) for p in prompts])
+    assert_all_match(outputs, reference, "over a float16 KV cache", near_tie=NEAR_TIE_16BIT_KV)
+    half, full = (s.call(lambda app: app.workers.hellos[0]) for s in (half_kv_server, server))
+    assert half.dtype == full.dtype == "float32"
+    assert 2 * half.kv_bytes_per_block == full.kv_bytes_per_block  # the same blocks in half the bytes

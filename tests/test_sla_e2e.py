@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.server_harness import ServerThread, greedy_request
-from tests.test_e2e_generation import assert_matches_reference
+from tests.greedy_reference import assert_matches_reference
 
 pytestmark = pytest.mark.model
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -14,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
 
+from benchmarks.rank_processes import free_port, join_or_kill
 from kernels.reference import AttentionOps
 from worker_svc.attention_metadata import AttentionMetadata, positions_for
 from worker_svc.kv_cache import KVCacheSpec, allocate_kv_caches
@@ -110,28 +109,6 @@ def run_rank(rank: int, world_size: int, port: int, overrides: dict, seed: int, 
         torch.save({"logits": result.logits, "tokens": result.tokens}, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def join_or_kill(procs: list, timeout_s: float) -> None:
-    """Wait for every rank; as soon as one fails (the others would block in a collective) or the
-    time is up, kill the rest, so a broken rank never hangs the test."""
-    deadline = time.monotonic() + timeout_s
-    try:
-        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-            if any(p.exitcode not in (None, 0) for p in procs):
-                break
-            time.sleep(0.05)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(10)
 
 
 def run_ranks(world_size: int, overrides: dict, seed: int, out: Path) -> list[dict]:

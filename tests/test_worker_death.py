@@ -43,6 +43,16 @@ def metric(port: int, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
+def read_to_the_end(calls, streamed: list[list[int]], timeout_s: float) -> None:
+    """Append the rest of each stream's tokens to its list, reading all of them at once."""
+    readers = [threading.Thread(target=lambda c=call, s=out: s.extend(t for r in c for t in r.token_ids))
+               for call, out in zip(calls, streamed)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(timeout_s)
+
+
 def test_a_killed_worker_is_restarted_and_streams_resume_then_past_the_budget_they_fail(model_dir):
     server = ServerThread(model_dir, num_kv_blocks=128, metrics_port=0, max_worker_restarts=1).start()
     try:
@@ -54,12 +64,7 @@ def test_a_killed_worker_is_restarted_and_streams_resume_then_past_the_budget_th
         streamed = [list(next(call).token_ids) for call in calls]  # all three are generating
         server.processes[0].send_signal(signal.SIGKILL)
         wait_for_health(health, health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=5)
-        readers = [threading.Thread(target=lambda c=call, s=out: s.extend(t for r in c for t in r.token_ids))
-                   for call, out in zip(calls, streamed)]
-        for reader in readers:
-            reader.start()
-        for reader in readers:
-            reader.join(120)
+        read_to_the_end(calls, streamed, timeout_s=120)
         assert streamed == undisturbed, "a resumed stream differs from the undisturbed run"
         assert health_status(health) == health_pb2.HealthCheckResponse.SERVING
         recovery = server.call(lambda app: app.engine.recoveries[-1])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -108,12 +109,12 @@ def scheduler() -> Iterator[Scheduler]:
     sched.close()
 
 
-def start_worker(model_dir: Path, address: str, log_path: Path) -> subprocess.Popen:
+def start_worker(model_dir: Path, address: str, log_path: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     env = {**os.environ, "OMNIBUS_CACHE_DIR": str(log_path.parent / "cache")}
     cmd = [
         sys.executable, "-m", "worker_svc", "--scheduler", address, "--model", str(model_dir),
         "--device", "cpu", "--block-size", "4", "--num-kv-blocks", "40",
-        "--heartbeat-interval", "0.1", "--num-threads", "1",
+        "--heartbeat-interval", "0.1", "--num-threads", "1", *extra,
     ]
     with open(log_path, "wb") as log:
         return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -206,3 +207,78 @@ def test_worker_registers_again_when_asked_and_forgets_its_requests(tiny_model, 
     assert isinstance(error, protocol.WorkerError) and "'a'" in error.message
     scheduler.send(StepPlan(1, [NewRequest("a", PROMPT_A, [5, 6, 7], 0, 9, GREEDY)], [], []))
     assert scheduler.recv(worker).token_ids == hf_greedy(tiny_model[1], PROMPT_A, 1)
+
+
+class RankRouter:
+    """The test's ROUTER for a two-rank tensor-parallel group: one plan to every rank, replies
+    read per rank (heartbeats skipped)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.router = scheduler.router
+        self.address = scheduler.address
+        self.pending: dict[bytes, list] = {b"worker-0": [], b"worker-1": []}
+
+    def send(self, rank: int, message) -> None:
+        self.router.send_multipart([f"worker-{rank}".encode(), protocol.encode(message)])
+
+    def recv(self, rank: int, procs: list[subprocess.Popen], timeout: float = 120.0):
+        identity = f"worker-{rank}".encode()
+        deadline = time.monotonic() + timeout
+        while not self.pending[identity]:
+            assert time.monotonic() < deadline, f"no message from rank {rank} within {timeout}s"
+            if self.router.poll(200):
+                sender, frame = self.router.recv_multipart()
+                message = protocol.decode_for_scheduler(frame)
+                if not isinstance(message, protocol.Heartbeat):
+                    self.pending[sender].append(message)
+            assert procs[rank].poll() is None or self.pending[identity], f"rank {rank} exited"
+        return self.pending[identity].pop(0)
+
+
+@pytest.fixture
+def two_ranks(tiny_model, scheduler: Scheduler, tmp_path: Path) -> Iterator[tuple[RankRouter, list[subprocess.Popen]]]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        rendezvous = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    procs = [start_worker(tiny_model[0], scheduler.address, tmp_path / f"rank{rank}.log",
+                          ("--rank", str(rank), "--world-size", "2", "--dist-init-method", rendezvous))
+             for rank in range(2)]
+    try:
+        yield RankRouter(scheduler), procs
+    finally:
+        for rank, proc in enumerate(procs):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            print(f"--- rank {rank} ---\n" + (tmp_path / f"rank{rank}.log").read_text()[-3000:])
+
+
+def test_tensor_parallel_ranks_agree_on_tokens_and_a_failed_step_ends_both(tiny_model, two_ranks) -> None:
+    router, procs = two_ranks
+    hellos = [router.recv(rank, procs) for rank in range(2)]
+    assert [(h.rank, h.world_size) for h in hellos] == [(0, 2), (1, 2)]
+    # Each rank's pool holds its one KV head of the two: half the bytes per block of one worker.
+    assert hellos[0].kv_bytes_per_block == hellos[1].kv_bytes_per_block == 2 * 2 * 4 * 1 * 16 * 4
+    expected = hf_greedy(tiny_model[1], PROMPT_A, 3)
+    plan = StepPlan(0, [NewRequest("a", PROMPT_A, [12, 3, 30], 0, 9, GREEDY)], [], [])
+    for step in range(3):
+        for rank in range(2):
+            router.send(rank, plan)
+        results = [router.recv(rank, procs) for rank in range(2)]
+        assert [r.token_ids for r in results] == [[expected[step]]] * 2, f"step {step}"
+        plan = StepPlan(step + 1, [], [CachedRequest("a", [], 9 + step, 1)], [])
+    # A plan the ranks disagree with fails on each; a rank does not go on after a failed step.
+    bad = StepPlan(9, [], [CachedRequest("unknown", [], 5, 1)], [])
+    for rank in range(2):
+        router.send(rank, bad)
+    for rank in range(2):
+        assert isinstance(router.recv(rank, procs), protocol.WorkerError)
+        assert procs[rank].wait(30) == 1
+
+
+def test_a_tensor_parallel_rank_asked_to_register_again_exits(two_ranks) -> None:
+    router, procs = two_ranks
+    for rank in range(2):
+        router.recv(rank, procs)
+    router.send(1, protocol.Reregister(reason="scheduler restarted"))
+    assert procs[1].wait(30) == 1

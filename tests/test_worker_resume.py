@@ -271,8 +271,15 @@ async def test_a_silent_worker_is_forgotten_and_asked_to_register_when_it_beats_
         beat = context.socket(zmq.DEALER)
         beat.setsockopt(zmq.IDENTITY, b"worker-0-hb")
         beat.connect(workers.endpoint)
-        await beat.send(protocol.encode(protocol.Heartbeat(rank=0, pid=os.getpid())))
+
+        async def beat_again() -> None:  # it beats on, as a woken worker does
+            while True:
+                await beat.send(protocol.encode(protocol.Heartbeat(rank=0, pid=os.getpid())))
+                await asyncio.sleep(0.2)
+
+        beating = asyncio.create_task(beat_again())
         assert isinstance(await asyncio.wait_for(worker.next_plan(), 60), protocol.Reregister)
+        beating.cancel()
         await worker.register()
         await until(lambda: workers.is_registered and workers.generation == 2, 30)
         assert workers.lost_since is None

@@ -12,3 +12,8 @@ LINEAR_HELP = (
     "auto: oneDNN with prepacked weights for a float32 model on a CPU, else F.linear; onednn: insist; "
     "torch: F.linear"
 )
+KV_CACHE_DTYPE_HELP = (
+    "element type of the KV pool: auto (the model's) | float32 | bfloat16 | float16. Under a float32 CPU "
+    "model a 16-bit cache halves what attention reads and doubles the tokens the pool holds, at one "
+    "rounding of each cached K/V value (float16 keeps more bits than bfloat16)"
+)

@@ -16,6 +16,7 @@ from worker_svc.models.llama import LlamaForCausalLM
 from worker_svc.request_state import PlanError, RequestStates, ScheduledRequest
 from worker_svc.sampler import Sampler
 from worker_svc.swap_space import SwapSpace
+from worker_svc.tensor_parallel import share_sampled_tokens
 from worker_svc.token_mask import apply_token_masks
 
 # Exercises the sampler's widest path (sort for top-k/top-p, the most logprobs) during memory
@@ -37,7 +38,10 @@ class ModelRunner:
         max_model_len: int | None = None,
         sampler_seed: int | None = None,
         swap_space: SwapSpace | None = None,
+        world_size: int = 1,
     ) -> None:
+        """`world_size` > 1: a tensor-parallel rank of a joined process group, whose model is
+        sharded (tensor_parallel.py); rank 0 samples and every rank appends its tokens."""
         if len(kv_caches) != model.num_layers:
             raise ValueError(f"{len(kv_caches)} KV cache layers for a {model.num_layers}-layer model")
         self.model = model
@@ -45,6 +49,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = torch.device(device)
         self.rank = rank
+        self.world_size = world_size
         self.num_blocks = kv_caches[0][0].shape[0]
         self.requests = RequestStates(block_size, self.num_blocks, max_model_len)
         self.sampler = Sampler(self.device, seed=sampler_seed)
@@ -114,11 +119,16 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, self.kv_caches, attn)
         if batch.logits_indices.size == 0:
             return [], []
+        if self.rank > 0:  # rank 0 samples for the group (tensor_parallel.py)
+            tokens = share_sampled_tokens(None, batch.logits_indices.size, self.device)
+            return tokens.tolist(), []
         logits_indices = to_device(batch.logits_indices, self.device)
         logits = self.model.compute_logits(hidden[logits_indices])
         # Structured output: what the constraint forbids is -inf to sampling and logprobs alike (as in vLLM).
         logits = apply_token_masks(logits, batch.sample_req_ids, token_masks)
         tokens = self.sampler.sample(logits, batch.sampling, batch.sample_positions, histories)
+        if self.world_size > 1:
+            tokens = share_sampled_tokens(tokens, len(tokens), self.device)
         # From the raw logits, which sampling leaves untouched.
         logprobs = gather_logprobs(logits, batch.sampling, tokens)
         return tokens.tolist(), logprobs

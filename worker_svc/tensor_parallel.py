@@ -17,11 +17,12 @@ split, as vLLM and gpt-fast do it):
   logits every step; on small models that latency costs more than the memory is worth. Whether
   it pays on large ones is a later measurement.
 
-Because the hidden states after each all-reduce, and so the final norm and the replicated LM head,
-are the same on every rank, every rank computes the full logits and the same sampler (same seeds)
-picks the same token everywhere: no gather or broadcast of tokens is needed. That rests on the
-all-reduce returning bitwise the same sum on every rank, which gloo's and NCCL's ring algorithms
-do (tests check it for gloo).
+Only rank 0 computes logits and samples; `share_sampled_tokens` broadcasts its tokens, so every
+rank appends the same token to its copy of each request (a rank that appended another would feed
+its peers' all-reduces a different sequence). Computing the logits everywhere and trusting every
+rank to pick the same token would save that one small broadcast, but would rest on every rank's LM
+head and sampler giving bitwise the same result, which ranks on different CPUs or thread counts
+need not.
 
 Each rank's KV cache holds only its own KV heads (`local_num_kv_heads`) under the same block ids,
 so the scheduler's block tables and slot mappings are shared by all ranks unchanged. Shard before
@@ -30,28 +31,16 @@ so the scheduler's block tables and slot mappings are shared by all ranks unchan
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import PretrainedConfig
 
 from worker_svc.models.llama import Linear, LlamaAttention, LlamaForCausalLM, LlamaMLP
+from worker_svc.parallel_config import ParallelConfig, check_shardable
 
-
-@dataclass(frozen=True, slots=True)
-class ParallelConfig:
-    """Where this process sits in the tensor-parallel group."""
-
-    rank: int
-    world_size: int
-
-    def __post_init__(self) -> None:
-        if self.world_size < 1:
-            raise ValueError(f"world_size must be at least 1, got {self.world_size}")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
+__all__ = ["ParallelConfig", "RowParallelLinear", "check_shardable", "local_num_kv_heads", "shard_model",
+           "share_sampled_tokens"]
 
 
 class RowParallelLinear(nn.Module):
@@ -70,21 +59,6 @@ class RowParallelLinear(nn.Module):
         out = self.shard(x)
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out if self.bias is None else out + self.bias
-
-
-def check_shardable(config: PretrainedConfig, world_size: int) -> None:
-    """Raise ValueError naming every size of `config` that does not divide by `world_size`."""
-    sizes = {
-        "num_attention_heads": config.num_attention_heads,
-        "num_key_value_heads": config.num_key_value_heads,
-        "intermediate_size": config.intermediate_size,
-    }
-    bad = [f"{name}={value}" for name, value in sizes.items() if value % world_size]
-    if bad:
-        raise ValueError(
-            f"tensor parallel size {world_size} must divide {', '.join(bad)} "
-            "(each rank keeps whole query and KV heads and an equal MLP slice)"
-        )
 
 
 def local_num_kv_heads(config: PretrainedConfig, world_size: int) -> int:
@@ -161,3 +135,15 @@ def _row_parallel(
     shard.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
     bias = None if linear.bias is None else linear.bias.data
     return RowParallelLinear(shard, bias, group)
+
+
+def share_sampled_tokens(tokens: torch.Tensor | None, num_rows: int, device: torch.device,
+                         group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Rank 0's sampled token ids (int64, `[num_rows]`) on every rank: rank 0 passes its tokens,
+    the others None. Every rank must call it at the same point of the same step."""
+    if tokens is None:
+        tokens = torch.empty(num_rows, dtype=torch.int64, device=device)
+    elif tokens.dtype != torch.int64 or not tokens.is_contiguous():
+        tokens = tokens.to(torch.int64).contiguous()
+    dist.broadcast(tokens, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return tokens

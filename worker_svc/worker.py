@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import zmq
+from transformers import AutoConfig
 
 from scheduler_svc import protocol
 from scheduler_svc.worker_link_security import WorkerKeys, load_worker_keys, secure_worker_socket
@@ -33,7 +34,10 @@ from worker_svc.kv_cache import (
 from worker_svc.model_runner import ModelRunner
 from worker_svc.model_store import DEFAULT_MODEL, load_model, model_fingerprint, prepare_model
 from worker_svc.models.llama import LlamaForCausalLM
+from worker_svc.parallel_config import DIST_BACKENDS, ParallelConfig, check_shardable
+from worker_svc.process_group import join_group, leave_group
 from worker_svc.swap_space import SwapSpace
+from worker_svc.tensor_parallel import local_num_kv_heads, shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,9 @@ class WorkerConfig:
     model: str = DEFAULT_MODEL  # default name, .gguf file or model directory
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    # The KV pool's element type: auto is the model's; a 16-bit cache under a float32 CPU model
+    # halves the bytes attention reads and doubles the tokens the pool holds (llama.cpp's default).
+    kv_cache_dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides the memory budget below
     kv_cache_memory_gb: float = 2.0  # CPU budget
@@ -68,21 +75,32 @@ class WorkerConfig:
     linear_backend: str = "auto"  # auto (oneDNN prepacked on a float32 CPU model) | onednn | torch
     parent_pid: int | None = None  # exit when this process (the scheduler that spawned us) is gone
     worker_keys: str | None = None  # CURVE key directory (omnibus keygen); None: a plain link
+    # Tensor parallelism (world_size > 1): torch.distributed's rendezvous (tcp://HOST:PORT, env://),
+    # the collective backend, and how long a collective may wait for a peer.
+    dist_init_method: str | None = None
+    dist_backend: str = "auto"  # auto | nccl | gloo
+    dist_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
-        if self.world_size != 1:
-            # Ranks would each run the whole model and sample on their own: refuse, not pretend.
-            raise ValueError("tensor parallelism is not implemented yet: world_size must be 1")
+        if self.world_size > 1 and not self.dist_init_method:
+            raise ValueError("world_size > 1 needs a dist_init_method (--dist-init-method tcp://HOST:PORT, "
+                             "or MASTER_ADDR and MASTER_PORT for env://)")
+        if self.dist_backend not in DIST_BACKENDS:
+            raise ValueError(f"dist_backend {self.dist_backend!r} is not one of {DIST_BACKENDS}")
+        if not self.dist_timeout_s > 0:
+            raise ValueError("dist_timeout_s must be positive")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
         if self.linear_backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear_backend {self.linear_backend!r} is not one of {LINEAR_BACKENDS}")
         if self.block_size <= 0 or self.heartbeat_interval <= 0:
             raise ValueError("block_size and heartbeat_interval must be positive")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not auto or one of {sorted(_DTYPES)}")
+        for name in ("dtype", "kv_cache_dtype"):
+            value = getattr(self, name)
+            if value != "auto" and value not in _DTYPES:
+                raise ValueError(f"{name} {value!r} is not auto or one of {sorted(_DTYPES)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError("num_kv_blocks must be positive")
         if self.swap_space_gb is not None and self.swap_space_gb < 0:
@@ -91,6 +109,10 @@ class WorkerConfig:
     @property
     def identity(self) -> bytes:
         return f"worker-{self.rank}".encode()
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(self.rank, self.world_size)
 
 
 def resolve_device(name: str, rank: int = 0) -> torch.device:
@@ -110,6 +132,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, attention_backend: str,
+                           device: torch.device) -> torch.dtype:
+    """`auto` is the model's dtype. Another one needs kernels that read it: our CPU kernels take a
+    16-bit cache under float32 queries, the torch reference any; the CUDA kernels only the model's."""
+    if name == "auto":
+        return model_dtype
+    kv_dtype = _DTYPES[name]
+    if kv_dtype == model_dtype:
+        return kv_dtype
+    if model_dtype != torch.float32:
+        raise ValueError(f"kv_cache_dtype {name} under a {dtype_name(model_dtype)} model: a cache dtype other "
+                         "than the model's needs a float32 model")
+    if attention_backend == "cuda" or (attention_backend == "auto" and device.type == "cuda"):
+        raise ValueError(f"kv_cache_dtype {name}: the CUDA kernels read a cache of the model's dtype only")
+    return kv_dtype
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -119,23 +158,27 @@ def build_runner(config: WorkerConfig) -> tuple[ModelRunner, protocol.WorkerHell
     started = time.perf_counter()
     device = resolve_device(config.device, config.rank)
     dtype = resolve_dtype(config.dtype, device)
+    kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, dtype, config.attention_backend, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     model_dir = prepare_model(config.model, config.load_format)
+    if config.world_size > 1:
+        check_shardable(AutoConfig.from_pretrained(model_dir), config.world_size)  # before the rendezvous
+        join_group(config.parallel, config.dist_init_method, config.dist_backend, device, config.dist_timeout_s)
     attn_ops = attention_ops(config.attention_backend, device)
-    model = load_model(model_dir, device, dtype, config.load_format, attn_ops)
+    model = shard_model(load_model(model_dir, device, dtype, config.load_format, attn_ops), config.parallel)
     linear_backend = resolve_linear_backend(config.linear_backend, model)
     if linear_backend == "onednn":
-        pack_linears(model)
+        pack_linears(model)  # after sharding: it packs each rank's own slices
     max_model_len = _max_model_len(model, config.max_model_len)
-    spec = KVCacheSpec(model.num_layers, config.block_size, model.num_kv_heads, model.head_dim,
-                       dtype)
+    spec = KVCacheSpec(model.num_layers, config.block_size, local_num_kv_heads(model.config, config.world_size),
+                       model.head_dim, kv_dtype)
     num_blocks = _num_kv_blocks(config, model, spec, device, max_model_len)
     kv_caches = allocate_kv_caches(spec, num_blocks, device)
     swap_space = _swap_space(config, spec, device)
     swap_bytes_per_s = 0.0 if swap_space is None else swap_space.measure_bytes_per_s(kv_caches, spec.bytes_per_block)
     runner = ModelRunner(model, kv_caches, config.block_size, device, config.rank,
-                         max_model_len=max_model_len, swap_space=swap_space)
+                         max_model_len=max_model_len, swap_space=swap_space, world_size=config.world_size)
     hello = protocol.WorkerHello(
         protocol_version=protocol.PROTOCOL_VERSION,
         rank=config.rank,
@@ -153,9 +196,10 @@ def build_runner(config: WorkerConfig) -> tuple[ModelRunner, protocol.WorkerHell
         swap_bytes_per_s=swap_bytes_per_s,
     )
     logger.info(
-        "worker %d ready: model %s, device %s, dtype %s, linears %s, %d KV blocks of %d tokens "
-        "(%.2f GiB), max_model_len %d, loaded in %.1fs",
-        config.rank, model_dir, hello.device, hello.dtype, linear_backend, num_blocks, config.block_size,
+        "worker %d of %d ready: model %s, device %s, dtype %s, linears %s, %d KV blocks of %d tokens "
+        "(%s, %.2f GiB), max_model_len %d, loaded in %.1fs",
+        config.rank, config.world_size, model_dir, hello.device, hello.dtype, linear_backend, num_blocks,
+        config.block_size, dtype_name(kv_dtype),
         num_blocks * spec.bytes_per_block / (1 << 30), max_model_len,
         time.perf_counter() - started,
     )
@@ -275,6 +319,13 @@ class Worker:
                             message.reason or "requested")
                 return 0
             if isinstance(message, protocol.Reregister):
+                if self.config.world_size > 1:
+                    # Its group lost a member (or the scheduler restarted): a rank cannot rejoin
+                    # alone, since its peers' collectives may be mid-step or gone.
+                    logger.error("worker %d of %d exiting on a request to register again (%s): a "
+                                 "tensor-parallel group is restarted whole", self.config.rank,
+                                 self.config.world_size, message.reason)
+                    return 1
                 logger.warning("worker %d registering again (%s); dropping %d request(s)",
                                self.config.rank, message.reason, len(self.runner.requests))
                 self.runner.reset()
@@ -294,8 +345,10 @@ class Worker:
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()  # recoverable: hand the failed step's memory back
             # After a device-side fault the CUDA context is unusable: report, then exit non-zero
-            # so the supervisor restarts the worker instead of failing every later step.
-            return self._error(plan.step_id, exc), _is_fatal(exc)
+            # so the supervisor restarts the worker instead of failing every later step. A
+            # tensor-parallel rank's peers may be waiting in a collective of this very step: the
+            # group cannot go on in step, so it ends too.
+            return self._error(plan.step_id, exc), _is_fatal(exc) or self.config.world_size > 1
 
     def _error(self, step_id: int, exc: Exception) -> protocol.WorkerError:
         return protocol.WorkerError(rank=self.config.rank, step_id=step_id,
@@ -369,3 +422,4 @@ def run_worker(config: WorkerConfig) -> int:
         return 0
     finally:
         context.destroy(linger=0)
+        leave_group()
