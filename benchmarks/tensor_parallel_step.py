@@ -274,8 +274,13 @@ def run_rank(rank: int, job: RankJob) -> None:
         if rank == 0:
             Path(job.out).write_text(json.dumps([asdict(t) for t in timings]))
         dist.barrier()  # no rank tears down (rank 0 hosts the rendezvous store) while a peer still needs it
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Done, results saved: leave without tearing gloo down. On a loaded 2-core machine its teardown
+    # at exit has aborted a finished rank now and then (SIGABRT, "terminate called without an active
+    # exception"), failing a run whose every number was already written.
+    os._exit(0)
 
 
 def run_world(job: RankJob) -> list[BatchTiming]:
