@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from omnibus.v1 import generation_pb2 as pb
 from omnibus.v1 import generation_pb2_grpc as pb_grpc
+from scheduler_svc.worker_link_security import generate_keys
 from tests.greedy_reference import NUM_NEW_TOKENS, assert_all_match, assert_matches_reference
 from tests.hardening_support import write_tiny_model_dir
 from tests.server_harness import ServerThread, collect_tokens, free_port, greedy_request
@@ -62,9 +63,10 @@ def random_prompts() -> list[list[int]]:
     return [[rng.randrange(1056) for _ in range(n)] for n in RANDOM_PROMPT_LENS]
 
 
-def random_server(model_dir: Path, world_size: int, num_kv_blocks: int = 256, **options) -> ServerThread:
-    return ServerThread(model_dir, num_kv_blocks, world_size=world_size,
-                        worker_args=["--load-format", "random"], **options).start()
+def random_server(model_dir: Path, world_size: int, num_kv_blocks: int = 256,
+                  worker_args: tuple[str, ...] = ("--load-format", "random"), **options) -> ServerThread:
+    return ServerThread(model_dir, num_kv_blocks, world_size=world_size, worker_args=list(worker_args),
+                        **options).start()
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +199,21 @@ def test_scheduler_and_ranks_started_apart_from_the_launcher_variables(random_mo
         scheduler.kill()
         for rank in ranks:
             rank.kill()
+
+
+def test_every_rank_registers_over_a_keyed_link(random_model_dir, random_prompts, tp1_reference, tmp_path):
+    """With --worker-keys the scheduler accepts each rank by its own key pair (keygen --workers 2)."""
+    keys = tmp_path / "keys"
+    generate_keys(keys, num_workers=2)
+    server = random_server(random_model_dir, world_size=2, worker_keys=keys,
+                           worker_args=["--load-format", "random", "--worker-keys", str(keys)])
+    try:
+        assert server.app.workers.curve is not None
+        assert [h.rank for h in server.call(lambda app: app.workers.hellos)] == [0, 1]
+        tokens, _, _ = collect_tokens(server.stub(), greedy_request(random_prompts[1], RANDOM_NEW_TOKENS))
+        assert_matches_reference(tokens, *tp1_reference[1], "prompt 1 over a keyed link at TP=2")
+    finally:
+        server.stop()
 
 
 def test_killing_either_rank_mid_stream_is_the_group_death_and_streams_resume(random_model_dir, random_prompts):
