@@ -11,8 +11,8 @@ For each batch x context it times, in one process and one run, with the real def
   kernel, and the time the K/V bytes they read take at the memory bandwidth measured in the run.
 
 Configurations: `before` (torch reference attention, `F.linear`), `after` (the defaults on a
-CPU: our C++ kernels, oneDNN prepacked linears) and `after-f16kv` (the same over a float16 KV
-cache, `--kv-cache-dtype float16`). Medians over `--repeats`.
+CPU: our C++ attention and elementwise kernels, oneDNN prepacked linears) and `after-f16kv` (the
+same over a float16 KV cache, `--kv-cache-dtype float16`). Medians over `--repeats`.
 
     python -m benchmarks.cpu_step --result-json bench_results/cpu_step.json
 """
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from clients.bench.report import git_revision
 from kernels.reference import AttentionOps
 from worker_svc.attention_metadata import AttentionMetadata
+from worker_svc.cpu_fused_ops import use_fused_cpu_ops
 from worker_svc.cpu_linear import PackedLinear, pack_linears
 from worker_svc.model_store import load_model, prepare_model
 from worker_svc.models.llama import LlamaForCausalLM
@@ -156,10 +157,13 @@ def gemm_times(model: LlamaForCausalLM, rows: int, repeats: int, generator: torc
 
 
 def build(model_dir: Path, attention: str, linear: str) -> tuple[LlamaForCausalLM, AttentionOps]:
+    """The model as a worker with these backends builds it (worker_svc/worker.py)."""
     ops = attention_ops(attention, torch.device("cpu"))
     model = load_model(model_dir, torch.device("cpu"), torch.float32, attn_ops=ops)
     if linear == "onednn":
         pack_linears(model)
+    if attention != "torch":
+        use_fused_cpu_ops(model)
     return model, ops
 
 

@@ -47,6 +47,7 @@ from benchmarks.rank_processes import free_port, join_or_kill
 from clients.bench.report import git_revision, json_safe, write_result
 from scheduler_svc.protocol import SamplingOptions
 from worker_svc.attention_metadata import AttentionMetadata
+from worker_svc.cpu_fused_ops import use_fused_cpu_ops
 from worker_svc.cpu_linear import pack_linears
 from worker_svc.kv_cache import KVCacheSpec, KVCaches, allocate_kv_caches
 from worker_svc.model_store import LOAD_FORMATS, load_model, prepare_model
@@ -170,11 +171,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_rank_model(job: RankJob, parallel: ParallelConfig) -> LlamaForCausalLM:
-    """Load, shard, then pack (packing replaces the plain `Linear`s that sharding leaves)."""
+    """Load, shard, then pack (packing replaces the plain `Linear`s that sharding leaves), and the
+    elementwise kernels: as a worker builds its rank."""
     ops = attention_ops("auto", torch.device("cpu"))
     model = load_model(Path(job.model_dir), torch.device("cpu"), torch.float32, job.load_format, attn_ops=ops)
     shard_model(model, parallel)
     pack_linears(model)
+    use_fused_cpu_ops(model)
     return model
 
 

@@ -29,8 +29,10 @@ from kernels.reference import AttentionOps
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
-SOURCES = ("ops.cpp", "attention_avx512.cpp", "attention_avx2.cpp")
-HEADERS = ("attention.h", "attention_impl.h")
+SOURCES = ("ops.cpp", "attention_avx512.cpp", "attention_avx2.cpp", "elementwise.cpp", "elementwise_avx512.cpp",
+           "elementwise_avx2.cpp")
+HEADERS = ("attention.h", "attention_impl.h", "elementwise.h", "elementwise_impl.h", "simd_avx512.h", "simd_avx2.h",
+           "cpu_features.h")
 # -fopenmp: at::parallel_for is inline OpenMP; the extension then shares torch's libgomp (same
 # SONAME, already loaded) and so its thread pool.
 _CFLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]

@@ -15,6 +15,7 @@ import transformers
 from benchmarks.rank_processes import free_port, join_or_kill
 from kernels.reference import AttentionOps
 from worker_svc.attention_metadata import AttentionMetadata, positions_for
+from worker_svc.cpu_fused_ops import use_fused_cpu_ops
 from worker_svc.kv_cache import KVCacheSpec, allocate_kv_caches
 from worker_svc.models.llama import LlamaForCausalLM
 from worker_svc.tensor_parallel import (
@@ -97,24 +98,28 @@ def generate(model: LlamaForCausalLM, num_kv_heads: int, seed: int) -> Generatio
     return Generation(steps, seqs)
 
 
-def run_rank(rank: int, world_size: int, port: int, overrides: dict, seed: int, out: Path) -> None:
-    """One spawned rank: join the gloo group, shard the shared random model, generate, save."""
+def run_rank(rank: int, world_size: int, port: int, overrides: dict, seed: int, out: Path,
+             fused_ops: bool = False) -> None:
+    """One spawned rank: join the gloo group, shard the shared random model (with the CPU
+    elementwise kernels if `fused_ops`), generate, save."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=RANKS_TIMEOUT_S))
     try:
         config = tiny_config(overrides)
         model = shard_model(build_model(config, seed), ParallelConfig(rank, world_size))
+        if fused_ops:
+            assert use_fused_cpu_ops(model) is not None, "the CPU elementwise kernels did not load"
         result = generate(model, local_num_kv_heads(config, world_size), seed)
         torch.save({"logits": result.logits, "tokens": result.tokens}, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(world_size: int, overrides: dict, seed: int, out: Path) -> list[dict]:
+def run_ranks(world_size: int, overrides: dict, seed: int, out: Path, fused_ops: bool = False) -> list[dict]:
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=run_rank, args=(r, world_size, port, overrides, seed, out))
+    procs = [ctx.Process(target=run_rank, args=(r, world_size, port, overrides, seed, out, fused_ops))
              for r in range(world_size)]
     for p in procs:
         p.start()

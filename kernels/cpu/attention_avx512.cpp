@@ -8,12 +8,9 @@
 
 namespace {
 
-struct V {
-  using reg = __m512;
-  static constexpr int kWidth = 16;
-  static reg zero() { return _mm512_setzero_ps(); }
-  static reg set1(float x) { return _mm512_set1_ps(x); }
-  static reg load(const float* p) { return _mm512_loadu_ps(p); }
+#include "simd_avx512.h"
+
+struct V : Avx512 {
   static reg load_bf16(const uint16_t* p) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
@@ -21,14 +18,8 @@ struct V {
   static reg load_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-  static void store(float* p, reg x) { _mm512_storeu_ps(p, x); }
-  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
-  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
-  static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static float first(reg x) { return _mm512_cvtss_f32(x); }
-  static float reduce_add(reg x) { return _mm512_reduce_add_ps(x); }
   static float reduce_max(reg x) { return _mm512_reduce_max_ps(x); }
   // out[i] = sum of the lanes of rows[i], for 16 rows: a transposing add tree (15 adds).
   static void reduce_rows16(const reg* rows, float* out) {
@@ -50,20 +41,10 @@ struct V {
     const __mmask16 keep = n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
     return _mm512_mask_blend_ps(keep, _mm512_set1_ps(fill), x);
   }
-  // Cephes-style expf: range reduction by ln 2, degree-6 polynomial; inputs here are <= 0.
+  // e^x for the softmax's inputs, all <= 0 (below -87.3: 0 as near as matters).
   static reg exp(reg x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-    reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    reg r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    reg y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    reg n;
+    const reg y = exp_reduced(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), n);
     __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
   }

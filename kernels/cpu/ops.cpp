@@ -11,23 +11,12 @@
 #include <vector>
 
 #include "attention.h"
+#include "cpu_features.h"
 
 namespace omnibus_cpu {
 namespace {
 
 using TileFn = void (*)(const AttentionArgs&, const WorkItem&);
-
-bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-}
-
-bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-}
 
 TileFn tile_fn(const std::string& isa) {
   if (isa == "avx512") {

@@ -3,13 +3,16 @@
 Single-device on purpose: tensor parallelism shards a built model from its own module. The model
 sees one flattened varlen batch per step (prefill chunks and decodes together) and reads and writes
 the cache only through `attn_ops`, so the CUDA kernels replace the torch reference without touching
-this file. Parameters are created uninitialised (`torch.empty`): loading fills every one of them,
-and `worker_svc.model_store` initialises them for `load_format="random"`.
+this file. Its small per-token ops (RMSNorm with the residual add, SiLU-and-mul, rotary) go through
+`ElementwiseOps` the same way: plain torch here, C++ kernels from `worker_svc.cpu_fused_ops`.
+Parameters are created uninitialised (`torch.empty`): loading fills every one of them, and
+`worker_svc.model_store` initialises them for `load_format="random"`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,21 +49,30 @@ class Embedding(nn.Module):
         return F.embedding(input_ids, self.weight)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
-        self.eps = eps
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`x * rsqrt(mean(x^2) + eps) * weight` over the last dimension."""
+    # Normalise in float32 and scale in the model dtype, exactly as Hugging Face does, so bf16
+    # outputs agree bit for bit rather than within a rounding step. In float32 torch's fused op
+    # computes the same thing bit for bit (tested) in one call instead of six.
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale in the model dtype, exactly as Hugging Face does, so
-        # bf16 outputs agree bit for bit rather than within a rounding step. In float32 torch's
-        # fused op computes the same thing bit for bit (tested) in one call instead of six.
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`rms_norm(x + residual)`, `x + residual`): a layer's residual add and the next norm."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` for `gate_up` `[T, 2 * I]` = `[gate | up]`."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class RotaryEmbedding(nn.Module):
@@ -101,8 +113,42 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+@dataclass(frozen=True, slots=True)
+class ElementwiseOps:
+    """The decoder's small per-token ops; a faster implementation with these signatures plugs in.
+
+    An op may overwrite the activations it is given (`x` and `residual` of `add_rms_norm`, `x` of
+    `rotary`; never a weight) and returns its results: the torch versions allocate, in-place
+    kernels return their inputs, and neither has to copy to suit the other.
+    """
+
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = rms_norm
+    add_rms_norm: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]
+    ] = add_rms_norm
+    silu_and_mul: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul
+    rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, ops: ElementwiseOps | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        self.eps = eps
+        self.elementwise_ops = ops or ElementwiseOps()
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`rms_norm(x)`; with `residual`, (`rms_norm(x + residual)`, `x + residual`), vLLM's
+        fused residual add (either input may be overwritten)."""
+        if residual is None:
+            return self.elementwise_ops.rms_norm(x, self.weight, self.eps)
+        return self.elementwise_ops.add_rms_norm(x, residual, self.weight, self.eps)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: PretrainedConfig, attn_ops: AttentionOps):
+    def __init__(self, config: PretrainedConfig, attn_ops: AttentionOps, ops: ElementwiseOps):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -114,6 +160,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.attn_ops = attn_ops
+        self.elementwise_ops = ops
 
     def forward(
         self,
@@ -126,9 +173,10 @@ class LlamaAttention(nn.Module):
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
         qk_size = self.q_size + self.kv_size
-        # q and k rotated as one [T, heads + kv_heads, head_dim] tensor: half the small ops per layer
-        # (the kernels take q and k with a token stride).
-        qk = apply_rotary(qkv[:, :qk_size].view(num_tokens, -1, self.head_dim), cos, sin)
+        # q and k rotated as one [T, heads + kv_heads, head_dim] view of qkv (in place where the op
+        # can: qkv is this call's own): one op per layer, and the attention kernels take q and k
+        # with a token stride.
+        qk = self.elementwise_ops.rotary(qkv[:, :qk_size].view(num_tokens, -1, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, qk_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
@@ -148,7 +196,7 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, ops: ElementwiseOps):
         super().__init__()
         if config.hidden_act != "silu":
             raise NotImplementedError(f"hidden_act {config.hidden_act!r} is not supported")
@@ -156,41 +204,49 @@ class LlamaMLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.elementwise_ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.elementwise_ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, attn_ops: AttentionOps):
+    def __init__(self, config: PretrainedConfig, attn_ops: AttentionOps, ops: ElementwiseOps):
         super().__init__()
-        self.self_attn = LlamaAttention(config, attn_ops)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, attn_ops, ops)
+        self.mlp = LlamaMLP(config, ops)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(
         self,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache,
         attn: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, attn)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it); the caller's next norm adds
+        the two. `residual` is None for the first layer, whose input is the embedding alone."""
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, kv_cache, attn)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, attn_ops: AttentionOps):
+    def __init__(self, config: PretrainedConfig, attn_ops: AttentionOps, ops: ElementwiseOps):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config, _head_dim(config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, attn_ops) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, attn_ops, ops) for _ in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(
         self,
@@ -201,22 +257,32 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, hidden.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos, sin, kv_cache, attn)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin, kv_cache, attn)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
     """A Llama-family causal LM over a paged KV cache.
 
-    `attn_ops` supplies `write_kv` and `paged_attention` (default: the torch reference kernels).
+    `attn_ops` supplies `write_kv` and `paged_attention` (default: the torch reference kernels);
+    `elementwise_ops` the norms, SiLU-and-mul and rotary (default: torch; see
+    `use_elementwise_ops` for a built model).
     """
 
-    def __init__(self, config: PretrainedConfig, attn_ops: AttentionOps | None = None):
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        attn_ops: AttentionOps | None = None,
+        elementwise_ops: ElementwiseOps | None = None,
+    ):
         super().__init__()
         _check_supported(config)
         self.config = config
-        self.model = LlamaModel(config, attn_ops or AttentionOps())
+        self.model = LlamaModel(config, attn_ops or AttentionOps(), elementwise_ops or ElementwiseOps())
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if self.tie_word_embeddings:
@@ -255,6 +321,13 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states `[T, hidden]` of the batch; writes its K/V into `kv_caches`."""
         return self.model(input_ids, positions, kv_caches, attn)
+
+    def use_elementwise_ops(self, ops: ElementwiseOps) -> None:
+        """Route every norm, MLP activation and rotary of this (built, maybe sharded) model through
+        `ops`."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, LlamaAttention, LlamaMLP)):
+                module.elementwise_ops = ops
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits `[N, vocab]` for the rows of `hidden` that are sampled."""
