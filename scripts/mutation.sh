@@ -16,13 +16,13 @@ ROOT=$PWD
 VENV=$ROOT/${OMNIBUS_VENV:-.venv}
 MUTMUT_VERSION=3.8.1
 JOBS=${MUTATION_JOBS:-$(nproc)}
-ALL="block_hash block_manager request_queue fair_share length_forecast sampler logits_processing input_batch reference scheduler detokenizer"
+ALL="block_hash block_manager request_queue fair_share length_forecast sampler logits_processing input_batch reference scheduler detokenizer parallel_config"
 
 source_of() {
     case $1 in
         block_hash | block_manager | request_queue | fair_share | length_forecast | scheduler | detokenizer)
             echo "scheduler_svc/$1.py" ;;
-        sampler | logits_processing | input_batch) echo "worker_svc/$1.py" ;;
+        sampler | logits_processing | input_batch | parallel_config) echo "worker_svc/$1.py" ;;
         reference) echo "kernels/reference.py" ;;
         *) echo "unknown module $1 (one of: $ALL)" >&2; return 1 ;;
     esac
@@ -42,6 +42,7 @@ tests_of() {  # the fast unit tests that cover a module (never the model-loading
         sampler) echo tests/test_sampler.py tests/test_sampling_controls.py ;;
         logits_processing) echo tests/test_sampling_controls.py tests/test_sampler.py ;;
         input_batch) echo tests/test_input_batch.py ;;
+        parallel_config) echo tests/test_parallel_config.py ;;
         reference) echo tests/test_reference_kernels.py tests/test_reference_kernel_edges.py ;;
     esac
 }
