@@ -16,11 +16,11 @@ ROOT=$PWD
 VENV=$ROOT/${OMNIBUS_VENV:-.venv}
 MUTMUT_VERSION=3.8.1
 JOBS=${MUTATION_JOBS:-$(nproc)}
-ALL="block_hash block_manager request_queue fair_share length_forecast sampler logits_processing input_batch reference scheduler detokenizer parallel_config"
+ALL="block_hash block_manager request_queue fair_share length_forecast sampler logits_processing input_batch reference scheduler detokenizer parallel_config worker_group"
 
 source_of() {
     case $1 in
-        block_hash | block_manager | request_queue | fair_share | length_forecast | scheduler | detokenizer)
+        block_hash | block_manager | request_queue | fair_share | length_forecast | scheduler | detokenizer | worker_group)
             echo "scheduler_svc/$1.py" ;;
         sampler | logits_processing | input_batch | parallel_config) echo "worker_svc/$1.py" ;;
         reference) echo "kernels/reference.py" ;;
@@ -43,6 +43,7 @@ tests_of() {  # the fast unit tests that cover a module (never the model-loading
         logits_processing) echo tests/test_sampling_controls.py tests/test_sampler.py ;;
         input_batch) echo tests/test_input_batch.py ;;
         parallel_config) echo tests/test_parallel_config.py ;;
+        worker_group) echo tests/test_worker_group.py tests/test_tensor_parallel_group.py tests/test_worker_resume.py ;;
         reference) echo tests/test_reference_kernels.py tests/test_reference_kernel_edges.py ;;
     esac
 }
