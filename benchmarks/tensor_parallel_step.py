@@ -52,8 +52,8 @@ from worker_svc.cpu_linear import pack_linears
 from worker_svc.kv_cache import KVCacheSpec, KVCaches, allocate_kv_caches
 from worker_svc.model_store import LOAD_FORMATS, load_model, prepare_model
 from worker_svc.models.llama import LlamaForCausalLM
-from worker_svc.sampler import Sampler
 from worker_svc.parallel_config import ParallelConfig, check_shardable
+from worker_svc.sampler import Sampler
 from worker_svc.tensor_parallel import local_num_kv_heads, shard_model
 from worker_svc.worker import attention_ops
 

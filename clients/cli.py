@@ -246,15 +246,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _check_tensor_parallel_size(args: argparse.Namespace, model_dir: Path | None) -> None:
+def _check_tensor_parallel_size(args: argparse.Namespace) -> None:
+    if args.tensor_parallel_size < 1:
+        raise SystemExit(f"omnibus: --tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
+
+
+def _check_model_divides(args: argparse.Namespace, model_dir: Path) -> None:
     """Refuse a --tensor-parallel-size the model's heads cannot be split by, before any rank starts."""
     import json
     from types import SimpleNamespace
 
-    if args.tensor_parallel_size < 1:
-        raise SystemExit(f"omnibus: --tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
-    config_file = None if model_dir is None else model_dir / "config.json"
-    if args.tensor_parallel_size == 1 or config_file is None or not config_file.is_file():
+    config_file = model_dir / "config.json"
+    if args.tensor_parallel_size == 1 or not config_file.is_file():
         return
     try:
         check_shardable(SimpleNamespace(**json.loads(config_file.read_text())), args.tensor_parallel_size)
@@ -347,9 +350,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     from scheduler_svc.worker_link_security import private_worker_endpoint
 
     _tls_config(args)  # a flag mistake should fail before the model is prepared
-    _check_tensor_parallel_size(args, None)
+    _check_tensor_parallel_size(args)
     model_dir = prepare_model_dir(args.model)
-    _check_tensor_parallel_size(args, model_dir)
+    _check_model_divides(args, model_dir)
 
     def spawn(endpoint: str) -> list[subprocess.Popen]:
         return [subprocess.Popen(command) for command in worker_commands(args, endpoint, model_dir)]
@@ -361,10 +364,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 def _run_scheduler(args: argparse.Namespace) -> int:
     _tls_config(args)
-    _check_tensor_parallel_size(args, None)
+    _check_tensor_parallel_size(args)
     worker_keys = _worker_link(args)
     model_dir = prepare_model_dir(args.model)
-    _check_tensor_parallel_size(args, model_dir)
+    _check_model_divides(args, model_dir)
     options = _serving_options(args, model_dir, worker_bind=args.worker_bind, worker_keys=worker_keys,
                                insecure_worker_link=args.insecure_worker_link)
     return asyncio.run(_serve_until_signal(options, None))

@@ -47,6 +47,8 @@ _REREGISTER_INTERVAL_S = 2.0  # between two requests to the same unregistered wo
 # tensor-parallel rank asked to register exits, worker.py.)
 _REREGISTER_GRACE_S = 1.0
 _MAX_UNREGISTERED_TRACKED = 1024
+# What every rank, and every worker that replaces one, must share with the others.
+_SAME_MODEL_FIELDS = ("model_fingerprint", "block_size", "vocab_size", "world_size", "max_model_len", "dtype")
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +322,7 @@ class WorkerGroup:
             return
         pending.results[result.rank] = result
         if len(pending.results) == len(self._workers) and not pending.future.done():
-            disagreement = _disagreement(pending.results)
+            disagreement = _disagreement(pending.results) if len(pending.results) > 1 else None
             if disagreement is not None:
                 self._declare_dead(disagreement)
                 return
@@ -374,7 +376,7 @@ class WorkerGroup:
 def _check_agreement(hellos: list[WorkerHello]) -> list[WorkerHello]:
     first = hellos[0]
     for hello in hellos[1:]:
-        for name in ("model_fingerprint", "block_size", "vocab_size", "world_size", "max_model_len", "dtype"):
+        for name in _SAME_MODEL_FIELDS:
             if getattr(hello, name) != getattr(first, name):
                 raise WorkerRegistrationError(
                     f"workers disagree on {name}: rank 0 has {getattr(first, name)!r}, "
@@ -397,7 +399,7 @@ def _disagreement(results: dict[int, StepResult]) -> str | None:
 def _check_can_replace(first: list[WorkerHello], hello: WorkerHello) -> None:
     """A returning worker must serve the scheduler sized for the first ones."""
     template = first[0]
-    for name in ("model_fingerprint", "block_size", "vocab_size", "world_size", "max_model_len"):
+    for name in _SAME_MODEL_FIELDS:
         if getattr(hello, name) != getattr(template, name):
             raise _DroppedFrame(f"registration refused: worker rank {hello.rank} has {name} "
                                 f"{getattr(hello, name)!r}, the scheduler serves {getattr(template, name)!r}")

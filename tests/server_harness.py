@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from typing import Awaitable, Callable, TypeVar
 
 import grpc
 
+from benchmarks.rank_processes import free_port
 from omnibus.v1 import generation_pb2 as pb
 from omnibus.v1 import generation_pb2_grpc as pb_grpc
 from scheduler_svc.app import ServingApp, ServingOptions
@@ -124,12 +124,6 @@ class ServerThread:
         self._ready.set_result(None)
         await self._stop.wait()
         await self.app.stop(grace_s=1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def greedy_request(prompt_token_ids: list[int], max_tokens: int, **sampling) -> pb.GenerateRequest:
