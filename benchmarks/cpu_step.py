@@ -11,8 +11,9 @@ For each batch x context it times, in one process and one run, with the real def
   kernel, and the time the K/V bytes they read take at the memory bandwidth measured in the run.
 
 Configurations: `before` (torch reference attention, `F.linear`), `after` (the defaults on a
-CPU: our C++ attention and elementwise kernels, oneDNN prepacked linears) and `after-f16kv` (the
-same over a float16 KV cache, `--kv-cache-dtype float16`). Medians over `--repeats`.
+CPU: our C++ attention and elementwise kernels, oneDNN prepacked linears), `after-f16kv` and
+`after-int8kv` (the same over a float16 or int8 KV cache, `--kv-cache-dtype float16|int8`).
+Medians over `--repeats`.
 
     python -m benchmarks.cpu_step --result-json bench_results/cpu_step.json
 """
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from clients.bench.report import git_revision
+from kernels import int8_kv
 from kernels.reference import AttentionOps
 from worker_svc.attention_metadata import AttentionMetadata
 from worker_svc.cpu_fused_ops import use_fused_cpu_ops
@@ -54,6 +56,7 @@ CONFIGS = {
     "before": StepConfig("torch", "torch"),
     "after": StepConfig("auto", "onednn"),
     "after-f16kv": StepConfig("auto", "onednn", torch.float16),  # opt-in: half the K/V bytes
+    "after-int8kv": StepConfig("auto", "onednn", torch.int8),  # opt-in: (head_dim + 4) / (4 head_dim)
 }
 BLOCK_SIZE = 16
 
@@ -117,7 +120,8 @@ def decode_inputs(model: LlamaForCausalLM, batch: int, context: int, generator: 
     blocks_per_seq = -(-seq_len // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq + 1
     shape = (num_blocks, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
-    caches = [(torch.randn(shape, generator=generator).to(kv_dtype), torch.randn(shape, generator=generator).to(kv_dtype))
+    caches = [(to_cache(torch.randn(shape, generator=generator), kv_dtype),
+               to_cache(torch.randn(shape, generator=generator), kv_dtype))
               for _ in range(model.num_layers)]
     ids = torch.randperm(num_blocks, generator=generator)[: batch * blocks_per_seq].view(batch, -1)
     attn = AttentionMetadata.build(ids.tolist(), [seq_len] * batch, [1] * batch, BLOCK_SIZE)
@@ -126,8 +130,13 @@ def decode_inputs(model: LlamaForCausalLM, batch: int, context: int, generator: 
     return caches, attn, input_ids, positions
 
 
+def to_cache(rows: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
+    return int8_kv.quantize_rows(rows) if kv_dtype == torch.int8 else rows.to(kv_dtype)
+
+
 def kv_bytes(model: LlamaForCausalLM, batch: int, context: int, kv_dtype: torch.dtype = torch.float32) -> int:
-    per_token = 2 * model.num_kv_heads * model.head_dim * kv_dtype.itemsize * model.num_layers
+    row = int8_kv.row_width(model.head_dim, kv_dtype)
+    per_token = 2 * model.num_kv_heads * row * kv_dtype.itemsize * model.num_layers
     return batch * (context + 1) * per_token
 
 

@@ -164,7 +164,8 @@ def _add_request_limit_flags(parser: argparse.ArgumentParser) -> None:
 def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16", "int8"],
                         help=KV_CACHE_DTYPE_HELP)
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: from memory)")

@@ -54,8 +54,10 @@ class CpuAttention:
         self.supported_isas = supported
 
     def write_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
-        if key.dtype != k_cache.dtype:
-            key, value = key.to(k_cache.dtype), value.to(k_cache.dtype)
+        # An int8 cache quantizes float32 rows itself (kernels/int8_kv.py); others take their dtype.
+        target = torch.float32 if k_cache.dtype == torch.int8 else k_cache.dtype
+        if key.dtype != target:
+            key, value = key.to(target), value.to(target)
         self._module.write_kv(key, value, k_cache, v_cache, slot_mapping)
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, *,

@@ -1,7 +1,8 @@
 """Plain torch attention kernels: the CPU execution path and the reference for the CUDA kernels.
 
 Cache layout (docs/CONTRACTS.md): per layer `k_cache`/`v_cache` are
-`[num_blocks, block_size, num_kv_heads, head_dim]`; token `i` of a sequence sits in slot
+`[num_blocks, block_size, num_kv_heads, head_dim]` (int8: `head_dim + 4`, each row's float32 scale
+after its values, `kernels/int8_kv.py`); token `i` of a sequence sits in slot
 `block_table[i // block_size] * block_size + i % block_size`.
 
 Everything here computes the softmax and its accumulation in float32 whatever the cache dtype, so
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import int8_kv
+
 # Upper bound on the elements of one padded K (or V) gather in the batched decode path: large
 # batches of long sequences are attended in groups so the CPU path never allocates gigabytes.
 _DECODE_GATHER_BUDGET = 1 << 25
@@ -29,13 +32,20 @@ def write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Store `key`/`value` `[T, num_kv_heads, head_dim]` at `slot_mapping` `[T]` (< 0: skipped)."""
+    """Store `key`/`value` `[T, num_kv_heads, head_dim]` at `slot_mapping` `[T]` (< 0: skipped).
+
+    An int8 cache gets each row quantized (`kernels/int8_kv.py`); any other is cast to.
+    """
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    flat_k.index_copy_(0, slots, key[valid].to(k_cache.dtype))
-    flat_v.index_copy_(0, slots, value[valid].to(v_cache.dtype))
+    flat_k.index_copy_(0, slots, _to_cache_rows(key[valid], k_cache.dtype))
+    flat_v.index_copy_(0, slots, _to_cache_rows(value[valid], v_cache.dtype))
+
+
+def _to_cache_rows(rows: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    return int8_kv.quantize_rows(rows) if cache_dtype == torch.int8 else rows.to(cache_dtype)
 
 
 def paged_attention(
@@ -119,9 +129,11 @@ def _gather_heads_major(cache: torch.Tensor, block_tables: torch.Tensor) -> torc
     transposing copy into the head-major layout SDPA wants.
     """
     num_seqs, num_blocks = block_tables.shape
-    _, block_size, num_kv_heads, head_dim = cache.shape
+    _, block_size, num_kv_heads, _ = cache.shape
     pages = cache.index_select(0, block_tables.reshape(-1).long())
-    pages = pages.view(num_seqs, num_blocks * block_size, num_kv_heads, head_dim).transpose(1, 2)
+    if cache.dtype == torch.int8:
+        pages = int8_kv.dequantize_rows(pages)
+    pages = pages.view(num_seqs, num_blocks * block_size, num_kv_heads, -1).transpose(1, 2)
     return pages.to(torch.float32, memory_format=torch.contiguous_format)
 
 
@@ -154,8 +166,8 @@ def _decode_attention(
     qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
     out = torch.empty(num_seqs, num_kv_heads, group, head_dim, device=q.device)
     for h in range(num_kv_heads):
-        k = k_cache[:, :, h].index_select(0, pages).view(num_seqs, padded_len, head_dim).float()
-        v = v_cache[:, :, h].index_select(0, pages).view(num_seqs, padded_len, head_dim).float()
+        k = int8_kv.to_float(k_cache[:, :, h].index_select(0, pages)).view(num_seqs, padded_len, head_dim)
+        v = int8_kv.to_float(v_cache[:, :, h].index_select(0, pages)).view(num_seqs, padded_len, head_dim)
         # Slots past seq_len hold stale data or NaN. Masking the scores drops a NaN key, but
         # 0 * NaN in the value sum is NaN, so zero those values (only the ragged tails).
         v[seq_idx, pos_idx] = 0
@@ -213,8 +225,8 @@ def paged_attention_naive(
     for s, seq_len in enumerate(seq_lens.tolist()):
         table = block_tables[s].tolist()
         locations = [(table[i // block_size], i % block_size) for i in range(seq_len)]
-        keys = torch.stack([k_cache[b, o] for b, o in locations]).double()  # [L, kvh, D]
-        values = torch.stack([v_cache[b, o] for b, o in locations]).double()
+        keys = int8_kv.to_float(torch.stack([k_cache[b, o] for b, o in locations])).double()  # [L, kvh, D]
+        values = int8_kv.to_float(torch.stack([v_cache[b, o] for b, o in locations])).double()
         q_len = cu[s + 1] - cu[s]
         for h in range(num_heads):
             kvh = h // group

@@ -132,5 +132,13 @@ def test_kv_cache_dtype_resolution():
         resolve_kv_cache_dtype("float16", torch.bfloat16, "auto", cpu)
     with pytest.raises(ValueError, match="CUDA kernels read a cache of the model's dtype only"):
         resolve_kv_cache_dtype("float16", torch.float32, "auto", cuda)
-    with pytest.raises(ValueError, match="kv_cache_dtype 'int8'"):
-        WorkerConfig(scheduler="tcp://127.0.0.1:1", kv_cache_dtype="int8")
+    assert resolve_kv_cache_dtype("int8", torch.float32, "cpu", cpu) == torch.int8
+    assert resolve_kv_cache_dtype("int8", torch.float32, "torch", cuda) == torch.int8  # the reference dequantizes
+    with pytest.raises(ValueError, match="CUDA kernels read a cache of the model's dtype only"):
+        resolve_kv_cache_dtype("int8", torch.float32, "cuda", cuda)
+    with pytest.raises(ValueError, match="needs a float32 model"):
+        resolve_kv_cache_dtype("int8", torch.bfloat16, "torch", cpu)
+    with pytest.raises(ValueError, match="kv_cache_dtype 'int4'"):
+        WorkerConfig(scheduler="tcp://127.0.0.1:1", kv_cache_dtype="int4")
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        WorkerConfig(scheduler="tcp://127.0.0.1:1", dtype="int8")  # a cache type only

@@ -13,7 +13,13 @@ import grpc
 import pytest
 
 from omnibus.v1 import generation_pb2 as pb
-from tests.greedy_reference import NEAR_TIE_16BIT_KV, NUM_NEW_TOKENS, assert_all_match, assert_matches_reference
+from tests.greedy_reference import (
+    NEAR_TIE_16BIT_KV,
+    NEAR_TIE_INT8_KV,
+    NUM_NEW_TOKENS,
+    assert_all_match,
+    assert_matches_reference,
+)
 from tests.server_harness import ServerThread, collect_tokens, greedy_request
 
 pytestmark = pytest.mark.model
@@ -67,6 +73,14 @@ def chunked_server(model_dir):
 def half_kv_server(model_dir):
     """The float32 model over a float16 KV pool (--kv-cache-dtype float16)."""
     running = ServerThread(model_dir, num_kv_blocks=512, worker_args=["--kv-cache-dtype", "float16"]).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def int8_kv_server(model_dir):
+    """The float32 model over an int8 KV pool (--kv-cache-dtype int8)."""
+    running = ServerThread(model_dir, num_kv_blocks=512, worker_args=["--kv-cache-dtype", "int8"]).start()
     yield running
     running.stop()
 
@@ -203,3 +217,14 @@ def test_float16_kv_cache_matches_transformers(half_kv_server, server, prompts, 
     half, full = (s.call(lambda app: app.workers.hellos[0]) for s in (half_kv_server, server))
     assert half.dtype == full.dtype == "float32"
     assert 2 * half.kv_bytes_per_block == full.kv_bytes_per_block  # the same blocks in half the bytes
+
+
+def test_int8_kv_cache_stays_close_to_transformers(int8_kv_server, server, prompts, reference):
+    """Lossy by design: every divergence at a small top-2 gap, and most prompts equal throughout."""
+    outputs = generate_concurrently(int8_kv_server, [greedy_request(p, NUM_NEW_TOKENS) for p in prompts])
+    assert_all_match(outputs, reference, "over an int8 KV cache", near_tie=NEAR_TIE_INT8_KV)
+    identical = sum(ours == expected for ours, (expected, _) in zip(outputs, reference))
+    assert identical >= 5, f"only {identical} of {len(prompts)} prompts equal transformers throughout"
+    int8, full = (s.call(lambda app: app.workers.hellos[0]) for s in (int8_kv_server, server))
+    assert int8.dtype == full.dtype == "float32"
+    assert 32 * int8.kv_bytes_per_block == 9 * full.kv_bytes_per_block  # 9 bits a value, not 32

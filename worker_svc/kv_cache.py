@@ -1,7 +1,8 @@
 """The paged KV cache pool: per layer a `(k_cache, v_cache)` pair, and how many blocks fit.
 
 Layout (docs/CONTRACTS.md): each cache is `[num_blocks, block_size, num_kv_heads, head_dim]`,
-contiguous, so slot `b * block_size + i` is row `i` of block `b`.
+contiguous, so slot `b * block_size + i` is row `i` of block `b`; an int8 cache's rows are
+`head_dim + 4` wide, a float32 scale after the values (`kernels/int8_kv.py`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from kernels import int8_kv
 
 logger = logging.getLogger(__name__)
 
@@ -29,19 +32,22 @@ class KVCacheSpec:
     head_dim: int
     dtype: torch.dtype
 
+    def cache_shape(self, num_blocks: int) -> tuple[int, int, int, int]:
+        """One layer's K (or V) cache of `num_blocks` blocks."""
+        return (num_blocks, self.block_size, self.num_kv_heads, int8_kv.row_width(self.head_dim, self.dtype))
+
     @property
     def bytes_per_block(self) -> int:
         """Bytes one block takes across every layer, K and V together."""
-        element_size = torch.empty((), dtype=self.dtype).element_size()
-        per_layer = self.block_size * self.num_kv_heads * self.head_dim * element_size
-        return 2 * self.num_layers * per_layer
+        _, block_size, num_kv_heads, row = self.cache_shape(1)
+        return 2 * self.num_layers * block_size * num_kv_heads * row * self.dtype.itemsize
 
 
 def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, device: torch.device | str) -> KVCaches:
     """Allocate the pool, zero-filled so a stray read of an unwritten slot is harmless."""
     if num_blocks <= 0:
         raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
-    shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    shape = spec.cache_shape(num_blocks)
     return [
         (
             torch.zeros(shape, dtype=spec.dtype, device=device),

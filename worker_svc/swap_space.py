@@ -22,7 +22,7 @@ class SwapSpace:
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
         if num_blocks < 1:
             raise ValueError(f"a swap space needs at least one block, got {num_blocks}")
-        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        shape = spec.cache_shape(num_blocks)
         pin = device.type == "cuda"
         self.num_blocks = num_blocks
         self.device = device

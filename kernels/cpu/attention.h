@@ -7,7 +7,9 @@
 
 namespace omnibus_cpu {
 
-enum DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+// kInt8: caches only (kernels/int8_kv.py): each (token, KV head) row is head_dim int8 values, then
+// a float32 scale per 32 of them.
+enum DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8 = 3 };
 
 // Limits of one work item: its queries' accumulators live on the stack.
 constexpr int kMaxHeadDim = 256;
@@ -16,7 +18,7 @@ constexpr int kKeyTile = 16;         // keys scored together
 
 struct AttentionArgs {
   const void* q;        // [num_tokens, num_heads, head_dim], head_dim contiguous
-  const void* k_cache;  // [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+  const void* k_cache;  // [num_blocks, block_size, num_kv_heads, kv_row], contiguous
   const void* v_cache;
   void* out;            // [num_tokens, num_heads, head_dim], contiguous
   const int32_t* block_tables;  // [num_seqs, block_table_stride]
@@ -25,8 +27,9 @@ struct AttentionArgs {
   int64_t q_token_stride, q_head_stride;  // in elements
   int64_t block_table_stride;
   int32_t num_heads, num_kv_heads, head_dim, block_size;
+  int32_t kv_row;    // elements per (token, KV head) row of the caches: head_dim, or head_dim * 9 / 8 (int8)
   int32_t dtype;     // of q and out
-  int32_t kv_dtype;  // of the caches: dtype, or 16-bit under a float32 model (half the bytes to read)
+  int32_t kv_dtype;  // of the caches: dtype, or 16- or 8-bit under a float32 model (fewer bytes to read)
   float scale;
 };
 

@@ -18,6 +18,9 @@ struct V : Avx2 {
   static reg load_f16(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  static reg load_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
   static float first(reg x) { return _mm256_cvtss_f32(x); }
   static float reduce_max(reg x) {

@@ -18,6 +18,9 @@ struct V : Avx512 {
   static reg load_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
+  static reg load_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   static float first(reg x) { return _mm512_cvtss_f32(x); }
   static float reduce_max(reg x) { return _mm512_reduce_max_ps(x); }

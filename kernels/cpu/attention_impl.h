@@ -14,6 +14,7 @@ using namespace omnibus_cpu;
 struct F32 { using T = float; };
 struct BF16 { using T = uint16_t; };
 struct F16 { using T = uint16_t; };
+struct I8 { using T = int8_t; };  // caches only: see CacheRow<I8>
 
 // Few queries (decode: one row x the GQA group) score each key with a dot product; many queries
 // (prefill rows) first transpose the key tile so 16 scores come out of broadcast FMAs.
@@ -57,6 +58,33 @@ template <class D> inline float load1(const typename D::T* p) { return Codec<D>:
 template <class D> inline void store1(typename D::T* p, float x) { Codec<D>::store1(p, x); }
 template <class D> inline V::reg loadv(const typename D::T* p) { return Codec<D>::loadv(p); }
 
+// Element d (or the vector from d) of a cached K/V row, as the float32 number it stands for.
+template <class D> struct CacheRow {
+  static float one(const typename D::T* row, int d, int) { return load1<D>(row + d); }
+  static V::reg vec(const typename D::T* row, int d, int) { return loadv<D>(row + d); }
+};
+// An int8 row (kernels/int8_kv.py): head_dim values, then a float32 scale per kScaleGroup of them;
+// value x scale, the same float32 product the reference dequantizes with. A vector never straddles
+// two groups (kScaleGroup is a multiple of every kWidth).
+constexpr int kScaleGroup = 32;
+template <> struct CacheRow<I8> {
+  static float scale(const int8_t* row, int d, int head_dim) {
+    float s;
+    __builtin_memcpy(&s, row + head_dim + int(sizeof s) * (d / kScaleGroup), sizeof s);
+    return s;
+  }
+  static float one(const int8_t* row, int d, int head_dim) { return float(row[d]) * scale(row, d, head_dim); }
+  static V::reg vec(const int8_t* row, int d, int head_dim) {
+    return V::mul(V::load_i8(row + d), V::set1(scale(row, d, head_dim)));
+  }
+};
+template <class D> inline float read1(const typename D::T* row, int d, int head_dim) {
+  return CacheRow<D>::one(row, d, head_dim);
+}
+template <class D> inline V::reg readv(const typename D::T* row, int d, int head_dim) {
+  return CacheRow<D>::vec(row, d, head_dim);
+}
+
 inline int min_int(int a, int b) { return a < b ? a : b; }
 
 constexpr int kTileRegs = kKeyTile / V::kWidth;  // vectors per tile of scores
@@ -91,7 +119,7 @@ inline void score_group(State& st, int head_dim, const typename D::T* const* key
     typename V::reg sums[M];
     for (int m = 0; m < num_queries; ++m) sums[m] = V::zero();
     for (int c = 0; c < num_vectors; ++c) {
-      const typename V::reg k = loadv<D>(keys[t] + c * V::kWidth);
+      const typename V::reg k = readv<D>(keys[t], c * V::kWidth, head_dim);
       for (int m = 0; m < num_queries; ++m)
         sums[m] = V::fma(V::load(st.q + m * head_dim + c * V::kWidth), k, sums[m]);
     }
@@ -121,7 +149,7 @@ template <class D>
 inline void transpose_keys(TileState& st, const typename D::T* const* keys, int count, int head_dim) {
   for (int t = 0; t < kKeyTile; ++t) {
     if (t < count) {
-      for (int d = 0; d < head_dim; ++d) st.kt[d * kKeyTile + t] = load1<D>(keys[t] + d);
+      for (int d = 0; d < head_dim; ++d) st.kt[d * kKeyTile + t] = read1<D>(keys[t], d, head_dim);
     } else {
       for (int d = 0; d < head_dim; ++d) st.kt[d * kKeyTile + t] = 0.0f;
     }
@@ -185,7 +213,7 @@ inline void accumulate_values(TileState& st, int m, int visible, int head_dim,
     for (int c = 0; c < n; ++c) a[c] = V::load(acc + d0 + c * V::kWidth);
     for (int t = 0; t < visible; ++t) {
       const typename V::reg w = V::set1(p[t]);
-      for (int c = 0; c < n; ++c) a[c] = V::fma(w, loadv<D>(values[t] + d0 + c * V::kWidth), a[c]);
+      for (int c = 0; c < n; ++c) a[c] = V::fma(w, readv<D>(values[t], d0 + c * V::kWidth, head_dim), a[c]);
     }
     for (int c = 0; c < n; ++c) V::store(acc + d0 + c * V::kWidth, a[c]);
   });
@@ -202,7 +230,7 @@ inline void accumulate_values_group(State& st, int count, int head_dim, const ty
       for (int c = 0; c < n; ++c) a[m][c] = V::load(st.acc + m * head_dim + d0 + c * V::kWidth);
     for (int t = 0; t < count; ++t) {
       typename V::reg v[n];
-      for (int c = 0; c < n; ++c) v[c] = loadv<D>(values[t] + d0 + c * V::kWidth);
+      for (int c = 0; c < n; ++c) v[c] = readv<D>(values[t], d0 + c * V::kWidth, head_dim);
       for (int m = 0; m < M; ++m) {
         const typename V::reg w = V::set1(st.p[m * State::kScoreStride + t]);
         for (int c = 0; c < n; ++c) a[m][c] = V::fma(w, v[c], a[m][c]);
@@ -235,6 +263,7 @@ struct KeyRows {
   const int32_t* table;
   int64_t token_stride, head_offset;
   int block_size;
+  int row;  // elements per (token, KV head) row: AttentionArgs::kv_row
 
   // Row pointers of positions [j0, j0 + count): one division per tile, not per key.
   void locate(int j0, int count, const typename D::T** keys, const typename D::T** values) const {
@@ -274,7 +303,7 @@ void run_tiles_grouped(TileState& st, const KeyRows<D>& rows, int num_keys, int 
   const typename D::T* values[kKeyTile];
   const typename D::T* ahead_keys[kKeyTile];
   const typename D::T* ahead_values[kKeyTile];
-  const int row_bytes = head_dim * int(sizeof(typename D::T));
+  const int row_bytes = rows.row * int(sizeof(typename D::T));
   for (int j0 = 0; j0 < num_keys; j0 += kKeyTile) {
     const int count = min_int(kKeyTile, num_keys - j0);
     rows.locate(j0, count, keys, values);
@@ -334,22 +363,22 @@ void run_decode_heads(const AttentionArgs& args, const WorkItem& item) {
       heads[h].last[g] = num_keys - 1;
     }
   }
-  const int64_t token_stride = int64_t(args.num_kv_heads) * head_dim;
+  const int64_t token_stride = int64_t(args.num_kv_heads) * args.kv_row;
   const KeyRows<D> rows{static_cast<const T*>(args.k_cache), static_cast<const T*>(args.v_cache),
                         args.block_tables + item.seq * args.block_table_stride, token_stride,
-                        int64_t(item.kv_head) * head_dim, args.block_size};
+                        int64_t(item.kv_head) * args.kv_row, args.block_size, args.kv_row};
   const T* key_rows[kDecodeChunk];
   const T* value_rows[kDecodeChunk];
   const T* keys[kDecodeChunk];
   const T* values[kDecodeChunk];
-  const int row_bytes = head_dim * int(sizeof(T));
+  const int row_bytes = args.kv_row * int(sizeof(T));
   for (int j0 = 0; j0 < num_keys; j0 += kDecodeChunk) {
     const int count = min_int(kDecodeChunk, num_keys - j0);
     rows.locate(j0, count, key_rows, value_rows);
     for (int h = 0; h < num_kv; ++h) {
       for (int t = 0; t < count; ++t) {
-        keys[t] = key_rows[t] + h * head_dim;
-        values[t] = value_rows[t] + h * head_dim;
+        keys[t] = key_rows[t] + h * args.kv_row;
+        values[t] = value_rows[t] + h * args.kv_row;
       }
       // Keys two tiles ahead into L1, this tile's values into L2 for the accumulation below:
       // without it the loads wait on memory (perf: 42% of the kernel at one key load).
@@ -435,8 +464,8 @@ void attention_tile(const AttentionArgs& args, const WorkItem& item) {
 
   const KeyRows<D> rows{static_cast<const T*>(args.k_cache), static_cast<const T*>(args.v_cache),
                         args.block_tables + item.seq * args.block_table_stride,
-                        int64_t(args.num_kv_heads) * head_dim, int64_t(item.kv_head) * head_dim,
-                        args.block_size};
+                        int64_t(args.num_kv_heads) * args.kv_row, int64_t(item.kv_head) * args.kv_row,
+                        args.block_size, args.kv_row};
   run_tiles<D>(st, rows, num_queries, context + item.row_end, head_dim);  // the last row's keys
 
   QT* out = static_cast<QT*>(args.out);
@@ -450,12 +479,13 @@ void attention_tile(const AttentionArgs& args, const WorkItem& item) {
   }
 }
 
-// ops.cpp admits a cache dtype other than q's only under float32 q.
+// ops.cpp admits a cache dtype other than q's only under float32 q (int8 only as a cache).
 inline void dispatch(const AttentionArgs& args, const WorkItem& item) {
   if (args.dtype == kFloat32) {
     switch (args.kv_dtype) {
       case kFloat32: return attention_tile<F32, F32>(args, item);
       case kBFloat16: return attention_tile<F32, BF16>(args, item);
+      case kInt8: return attention_tile<F32, I8>(args, item);
       default: return attention_tile<F32, F16>(args, item);
     }
   }

@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -35,7 +37,42 @@ DType dtype_code(const at::Tensor& t) {
     case at::kFloat: return kFloat32;
     case at::kBFloat16: return kBFloat16;
     case at::kHalf: return kFloat16;
-    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type(), " (float32, bfloat16, float16)");
+    case at::kChar: return kInt8;
+    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type(), " (float32, bfloat16, float16, int8)");
+  }
+}
+
+// An int8 cache row (kernels/int8_kv.py): head_dim values, then a float32 scale per kScaleGroup.
+constexpr int64_t kScaleGroup = 32;
+constexpr int64_t kScaleBytes = 4;
+
+// Elements per (token, KV head) row of a cache holding head_dim values.
+int64_t cache_row(const at::Tensor& cache, int64_t head_dim) {
+  return cache.scalar_type() == at::kChar ? head_dim + head_dim / kScaleGroup * kScaleBytes : head_dim;
+}
+
+// kernels/int8_kv.py's quantize_rows for one group, with the same float32 operations: scale =
+// max|x| / 127, values round-half-even(x / scale) clamped to [-127, 127]; NaN: NaN scale, zeros.
+float quantize_group(const float* x, int8_t* out) {
+  float amax = 0.0f;
+  bool nan = false;
+  for (int64_t i = 0; i < kScaleGroup; ++i) {
+    const float a = std::fabs(x[i]);
+    nan |= a != a;
+    amax = a > amax ? a : amax;
+  }
+  const float scale = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
+  for (int64_t i = 0; i < kScaleGroup; ++i) {
+    const float v = std::nearbyint(scale > 0.0f ? x[i] / scale : 0.0f);
+    out[i] = v != v ? 0 : int8_t(std::min(127.0f, std::max(-127.0f, v)));
+  }
+  return scale;
+}
+
+void quantize_row(const float* x, int64_t head_dim, int8_t* out) {
+  for (int64_t g = 0; g < head_dim / kScaleGroup; ++g) {
+    const float scale = quantize_group(x + g * kScaleGroup, out + g * kScaleGroup);
+    std::memcpy(out + head_dim + g * kScaleBytes, &scale, kScaleBytes);
   }
 }
 
@@ -111,8 +148,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
                   k_cache.sizes() == v_cache.sizes(),
               "k_cache and v_cache must be contiguous [blocks, block_size, kv_heads, head_dim] alike");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must share a dtype");
+  TORCH_CHECK(q.scalar_type() != at::kChar, "q must be a floating-point tensor");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() || q.scalar_type() == at::kFloat,
-              "the caches must have q's dtype, or q must be float32 (over a 16-bit cache)");
+              "the caches must have q's dtype, or q must be float32 (over a 16- or 8-bit cache)");
   check_index_tensor(block_tables, "block_tables", 2);
   check_index_tensor(seq_lens, "seq_lens", 1);
   check_index_tensor(cu_seqlens_q, "cu_seqlens_q", 1);
@@ -122,7 +160,11 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   TORCH_CHECK(cu_seqlens_q.size(0) == num_seqs + 1 && block_tables.size(0) == num_seqs,
               "block_tables, seq_lens and cu_seqlens_q disagree on the number of sequences");
   const int64_t num_heads = q.size(1), head_dim = q.size(2), num_kv_heads = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == head_dim, "q and the cache disagree on head_dim");
+  TORCH_CHECK(k_cache.size(3) == cache_row(k_cache, head_dim),
+              "q and the cache disagree on head_dim (an int8 cache row is head_dim values and a 4-byte scale "
+              "per 32)");
+  TORCH_CHECK(k_cache.scalar_type() != at::kChar || head_dim % kScaleGroup == 0,
+              "an int8 cache needs a head_dim that is a multiple of ", kScaleGroup);
   TORCH_CHECK(head_dim % 16 == 0 && head_dim <= kMaxHeadDim, "head_dim must be a multiple of 16, at most ",
               kMaxHeadDim);
   TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0 &&
@@ -152,6 +194,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   args.num_kv_heads = int32_t(num_kv_heads);
   args.head_dim = int32_t(head_dim);
   args.block_size = int32_t(k_cache.size(1));
+  args.kv_row = int32_t(k_cache.size(3));
   args.dtype = dtype_code(q);
   args.kv_dtype = dtype_code(k_cache);
   args.scale = float(scale);
@@ -178,19 +221,38 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
                   slot_mapping.dim() == 1 && slot_mapping.is_contiguous(),
               "slot_mapping must be a contiguous CPU int64 vector");
   const int64_t num_tokens = slot_mapping.size(0);
+  const bool quantize = k_cache.scalar_type() == at::kChar;
+  const int64_t head_dim = quantize ? k_cache.size(3) * kScaleGroup / (kScaleGroup + kScaleBytes) : k_cache.size(3);
+  TORCH_CHECK(!quantize || cache_row(k_cache, head_dim) == k_cache.size(3),
+              "an int8 cache row must be head_dim values (a multiple of 32) and a 4-byte scale per 32");
   const int64_t row = k_cache.size(2) * k_cache.size(3);
   for (const at::Tensor* t : {&key, &value}) {
     TORCH_CHECK(t->dim() == 3 && t->size(0) == num_tokens && t->size(1) == k_cache.size(2) &&
-                    t->size(2) == k_cache.size(3),
+                    t->size(2) == head_dim,
                 "key/value must be [tokens, kv_heads, head_dim] matching the cache and slot_mapping");
-    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == k_cache.size(3),
-                "each token's key/value heads must be contiguous");
-    TORCH_CHECK(t->scalar_type() == k_cache.scalar_type(), "key/value must have the cache's dtype");
+    TORCH_CHECK(t->stride(2) == 1 && t->stride(1) == head_dim, "each token's key/value heads must be contiguous");
+    TORCH_CHECK(quantize ? t->scalar_type() == at::kFloat : t->scalar_type() == k_cache.scalar_type(),
+                "key/value must have the cache's dtype (float32 for an int8 cache)");
   }
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   for (int64_t t = 0; t < num_tokens; ++t)
     TORCH_CHECK_INDEX(slots[t] < num_slots, "slot ", slots[t], " outside the cache's ", num_slots, " slots");
+  if (quantize) {
+    const int64_t num_kv_heads = k_cache.size(2), head_row = k_cache.size(3);
+    auto* kc = k_cache.data_ptr<int8_t>();
+    auto* vc = v_cache.data_ptr<int8_t>();
+    const float* kp = key.data_ptr<float>();
+    const float* vp = value.data_ptr<float>();
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      if (slots[t] < 0) continue;
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        quantize_row(kp + t * key.stride(0) + h * head_dim, head_dim, kc + slots[t] * row + h * head_row);
+        quantize_row(vp + t * value.stride(0) + h * head_dim, head_dim, vc + slots[t] * row + h * head_row);
+      }
+    }
+    return;
+  }
   const int64_t elem = k_cache.element_size();
   auto* kc = static_cast<char*>(k_cache.data_ptr());
   auto* vc = static_cast<char*>(v_cache.data_ptr());
