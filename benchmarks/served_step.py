@@ -3,9 +3,11 @@
 For each batch size B: `omnibus serve --max-num-seqs B` gets B requests at once (random prompts of
 `--prompt-len` tokens, `--output-len` tokens each, `ignore_eos`, greedy), so after their prefill
 they decode in lockstep; the served step is the median inter-token gap of all streams (what a
-client sees per token). The server is then stopped and the same model (same backends) runs a
-decode step of B sequences at the midpoint context (prompt + half the output) in this process:
-forward, logits, greedy sampling, as `benchmarks/cpu_step.py` times it.
+client sees per token). Right after each served round, while the server idles, the same model
+(same backends, loaded in this process) runs a decode step of B sequences at the midpoint context
+(prompt + half the output): forward, logits, greedy sampling, as `benchmarks/cpu_step.py` times
+it. Each round's ratio pairs two measurements a few seconds apart, so the VM's drift over minutes
+(up to 1.5x here) cancels; the summary is the median over rounds.
 
     python -m benchmarks.served_step --batches 16 32 --result-json bench_results/served_step.json
 """
@@ -45,37 +47,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def served_step_ms(args: argparse.Namespace, batch: int) -> list[float]:
-    """Median inter-token gap (ms) of each repeat: B streams decoding in lockstep."""
+def paired_rounds(args: argparse.Namespace, model, batch: int) -> list[tuple[float, float]]:
+    """(served, in-process) step ms of each round: the median inter-token gap of B streams decoding
+    in lockstep, then this process's step of the same shape while the server idles."""
     server_args = argparse.Namespace(port=args.port, batch_size=batch, num_kv_blocks=args.num_kv_blocks,
                                      device="cpu", model=None)
     requests = random_workload(batch, (args.prompt_len, args.prompt_len), (args.output_len, args.output_len),
                                vocab_size=49152, seed=batch)
-    medians = []
+    context = args.prompt_len + args.output_len // 2
+    rounds = []
     with served(server_args, "continuous", args.serve_flags) as target:
         for _ in range(args.repeats):
             result = asyncio.run(run_workload(requests, [0.0] * batch, RunOptions(target=target, progress=False)))
             gaps = [gap for record in result.records for gap in itls(record)]
-            medians.append(statistics.median(gaps) * 1e3)
-    return medians
+            rounds.append((statistics.median(gaps) * 1e3, step_ms(model, batch, context, repeats=5)))
+    return rounds
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model_dir = prepare_model()
+    model, _ = build(prepare_model(), "auto", "onednn")
     rows = []
-    served_ms = {batch: served_step_ms(args, batch) for batch in args.batches}  # model not loaded here yet
-    model, _ = build(model_dir, "auto", "onednn")
     for batch in args.batches:
-        context = args.prompt_len + args.output_len // 2
-        in_process = step_ms(model, batch, context, repeats=5)
-        served = statistics.median(served_ms[batch])
-        rows.append({"batch": batch, "context": context, "served_step_ms": served, "served_runs_ms": served_ms[batch],
-                     "in_process_step_ms": in_process, "served_over_in_process": served / in_process})
-    lines = ["| batch | context | served step ms (median ITL) | in-process step ms | served / in-process |",
-             "|---|---|---|---|---|"]
+        rounds = paired_rounds(args, model, batch)
+        ratios = [served / in_process for served, in_process in rounds]
+        rows.append({"batch": batch, "context": args.prompt_len + args.output_len // 2,
+                     "served_step_ms": statistics.median(s for s, _ in rounds),
+                     "in_process_step_ms": statistics.median(i for _, i in rounds),
+                     "served_over_in_process": statistics.median(ratios),
+                     "rounds_ms": rounds, "round_ratios": ratios})
+    lines = ["| batch | context | served step ms (median ITL) | in-process step ms | served / in-process "
+             "(median of rounds) | per round |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['context']} | {r['served_step_ms']:.1f} | {r['in_process_step_ms']:.1f} "
-              f"| {r['served_over_in_process']:.2f}x |" for r in rows]
+              f"| {r['served_over_in_process']:.2f}x | {' '.join(f'{x:.2f}' for x in r['round_ratios'])} |"
+              for r in rows]
     print("\n".join(lines))
     if args.result_json:
         args.result_json.parent.mkdir(parents=True, exist_ok=True)
