@@ -10,6 +10,10 @@ For each batch x context it times, in one process and one run, with the real def
 - `attention`: the attention calls alone (every layer, same metadata) with the configuration's
   kernel, and the time the K/V bytes they read take at the memory bandwidth measured in the run.
 
+The three are timed in rounds, one call of each per round (step, every GEMM backend, attention),
+so each round's step / floor ratio pairs measurements a fraction of a second apart; the VM's speed
+drifts up to 1.5x over minutes. Step / floor is the median of the rounds' ratios.
+
 Configurations: `before` (torch reference attention, `F.linear`), `after` (the defaults on a
 CPU: our C++ attention and elementwise kernels, oneDNN prepacked linears), `after-f16kv` and
 `after-int8kv` (the same over a float16 or int8 KV cache, `--kv-cache-dtype float16|int8`).
@@ -72,10 +76,7 @@ class StepPoint:
     attention_ms: float
     kv_bytes: int
     attention_floor_ms: float  # kv_bytes at the measured bandwidth
-
-    @property
-    def step_over_floor(self) -> float:
-        return self.step_ms / self.gemm_floor_ms
+    step_over_floor: float  # median over rounds of step / that round's fastest GEMM
 
     @property
     def attention_share(self) -> float:
@@ -104,6 +105,19 @@ def median_s(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of each function per round, every function called once a round (after one
+    warm-up round), so that slow and fast minutes of the machine hit them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append((time.perf_counter() - started) * 1e3)
+    return times
 
 
 def read_bandwidth_gbs(repeats: int) -> float:
@@ -152,17 +166,16 @@ def linear_shapes(model: LlamaForCausalLM) -> list[tuple[int, int]]:
     return per_layer * model.num_layers + [(model.config.hidden_size, model.vocab_size)]
 
 
-def gemm_times(model: LlamaForCausalLM, rows: int, repeats: int, generator: torch.Generator) -> dict[str, float]:
-    """Seconds of the step's matrix products on `rows` rows, per linear backend."""
+def gemm_calls(model: LlamaForCausalLM, rows: int, generator: torch.Generator) -> dict[str, Callable[[], object]]:
+    """The step's matrix products on `rows` rows, one call per linear backend."""
     shapes = linear_shapes(model)
     weights = [torch.randn(n, k, generator=generator) * 0.02 for k, n in shapes]
     inputs = {k: torch.randn(rows, k, generator=generator) for k, _ in set(shapes)}
     packed = [PackedLinear(w, None) for w in weights]
-    with torch.inference_mode():
-        return {
-            "torch": median_s(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights], repeats),
-            "onednn": median_s(lambda: [p(inputs[p.in_features]) for p in packed], repeats),
-        }
+    return {
+        "torch": lambda: [F.linear(inputs[w.shape[1]], w) for w in weights],
+        "onednn": lambda: [p(inputs[p.in_features]) for p in packed],
+    }
 
 
 def build(model_dir: Path, attention: str, linear: str) -> tuple[LlamaForCausalLM, AttentionOps]:
@@ -199,7 +212,7 @@ def step_ms(model: LlamaForCausalLM, batch: int, context: int, repeats: int) -> 
 
 @torch.inference_mode()
 def measure_point(config: str, model: LlamaForCausalLM, ops: AttentionOps, batch: int, context: int,
-                  gemm: dict[str, float], bandwidth_gbs: float, repeats: int) -> StepPoint:
+                  gemm: dict[str, Callable[[], object]], bandwidth_gbs: float, repeats: int) -> StepPoint:
     generator = torch.Generator().manual_seed(batch * 100_003 + context)
     kv_dtype = CONFIGS[config].kv_dtype
     caches, attn, input_ids, positions = decode_inputs(model, batch, context, generator, kv_dtype)
@@ -213,14 +226,18 @@ def measure_point(config: str, model: LlamaForCausalLM, ops: AttentionOps, batch
                                 query_lens_cpu=attn.query_lens_cpu, seq_lens_cpu=attn.seq_lens_cpu)
 
     num_bytes = kv_bytes(model, batch, context, kv_dtype)
+    times = interleaved_ms({"step": step, "attention": attention, **{f"gemm {n}": f for n, f in gemm.items()}}, repeats)
+    gemm_ms = {name: times[f"gemm {name}"] for name in gemm}
+    floors = [min(per_round) for per_round in zip(*gemm_ms.values())]
     return StepPoint(
         config=config, batch=batch, context=context,
-        step_ms=median_s(step, repeats) * 1e3,
-        gemm_ms={name: t * 1e3 for name, t in gemm.items()},
-        gemm_floor_ms=min(gemm.values()) * 1e3,
-        attention_ms=median_s(attention, repeats) * 1e3,
+        step_ms=statistics.median(times["step"]),
+        gemm_ms={name: statistics.median(t) for name, t in gemm_ms.items()},
+        gemm_floor_ms=statistics.median(floors),
+        attention_ms=statistics.median(times["attention"]),
         kv_bytes=num_bytes,
         attention_floor_ms=num_bytes / (bandwidth_gbs * 1e9) * 1e3,
+        step_over_floor=statistics.median(s / f for s, f in zip(times["step"], floors)),
     )
 
 
@@ -258,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = [(b, c) for b, c in points(args)]
     results: list[StepPoint] = []
     generator = torch.Generator().manual_seed(0)
-    gemm_cache: dict[int, dict[str, float]] = {}
+    gemm_cache: dict[int, dict[str, Callable[[], object]]] = {}  # one batch's weights at a time
     weight_bytes = 0
     for config in args.configs:
         model, ops = build(model_dir, CONFIGS[config].attention, CONFIGS[config].linear)
@@ -269,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skip batch {batch} context {context}: KV pool {pool_gib:.1f} GiB > --max-kv-gib")
                 continue
             if batch not in gemm_cache:
-                gemm_cache[batch] = gemm_times(model, batch, args.repeats, generator)
+                gemm_cache = {batch: gemm_calls(model, batch, generator)}
             point = measure_point(config, model, ops, batch, context, gemm_cache[batch], bandwidth, args.repeats)
             results.append(point)
             print(format_table([point], bandwidth, weight_bytes).splitlines()[-1], flush=True)
@@ -287,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             "read_bandwidth_gbs": bandwidth,
             "weight_bytes": weight_bytes,
             "config": {k: str(v) for k, v in vars(args).items()},
-            "points": [{**asdict(r), "step_over_floor": r.step_over_floor, "attention_share": r.attention_share}
+            "points": [{**asdict(r), "attention_share": r.attention_share}
                        for r in results],
         }, indent=1) + "\n")
     return 0
