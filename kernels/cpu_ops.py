@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
 SOURCES = ("ops.cpp", "attention_avx512.cpp", "attention_avx2.cpp", "elementwise.cpp", "elementwise_avx512.cpp",
            "elementwise_avx2.cpp")
-HEADERS = ("attention.h", "attention_impl.h", "elementwise.h", "elementwise_impl.h", "simd_avx512.h", "simd_avx2.h",
-           "cpu_features.h")
+HEADERS = ("attention.h", "attention_impl.h", "kv_quantize_impl.h", "elementwise.h", "elementwise_impl.h",
+           "simd_avx512.h", "simd_avx2.h", "cpu_features.h")
 # -fopenmp: at::parallel_for is inline OpenMP; the extension then shares torch's libgomp (same
 # SONAME, already loaded) and so its thread pool.
 _CFLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]
@@ -58,7 +58,7 @@ class CpuAttention:
         target = torch.float32 if k_cache.dtype == torch.int8 else k_cache.dtype
         if key.dtype != target:
             key, value = key.to(target), value.to(target)
-        self._module.write_kv(key, value, k_cache, v_cache, slot_mapping)
+        self._module.write_kv(key, value, k_cache, v_cache, slot_mapping, self.isa)
 
     def paged_attention(self, q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, *,
                         query_lens_cpu=None, seq_lens_cpu=None, out=None) -> torch.Tensor:

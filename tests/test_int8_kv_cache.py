@@ -143,6 +143,23 @@ def test_write_kv_quantizes_exactly_as_the_reference(kernels, seed):
     assert torch.equal(k_cache, expected_k)
     assert torch.equal(v_cache, expected_v)
     kernels.write_kv(key.half(), value.half(), k_cache, v_cache, slots)  # any float input is upcast first
+
+
+def test_write_kv_of_a_long_chunk_splits_across_threads_exactly(kernels, seed):
+    torch.manual_seed(seed)
+    k_cache = torch.zeros(40, 16, 2, 144, dtype=torch.int8)  # head_dim 128: four scales a row
+    v_cache = torch.zeros_like(k_cache)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    slots = torch.randperm(40 * 16)[:600]
+    key, value = torch.randn(600, 2, 128) * 3, torch.randn(600, 2, 128)
+    key[::7, :, 5] = float("nan")  # NaN groups: NaN scale, zeros
+    write_kv(key, value, expected_k, expected_v, slots)
+    torch.set_num_threads(2)
+    try:
+        kernels.write_kv(key, value, k_cache, v_cache, slots)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
     with pytest.raises(RuntimeError, match="head_dim"):
         kernels.write_kv(key[..., :32], value[..., :32], k_cache, v_cache, slots)
 

@@ -46,4 +46,8 @@ struct WorkItem {
 void attention_tile_avx512(const AttentionArgs& args, const WorkItem& item);
 void attention_tile_avx2(const AttentionArgs& args, const WorkItem& item);
 
+// One (token, KV head) row of head_dim floats into an int8 cache row (kernels/int8_kv.py).
+void quantize_int8_row_avx512(const float* x, int head_dim, int8_t* out);
+void quantize_int8_row_avx2(const float* x, int head_dim, int8_t* out);
+
 }  // namespace omnibus_cpu

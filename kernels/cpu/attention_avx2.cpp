@@ -22,6 +22,11 @@ struct V : Avx2 {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
   static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
+  static reg abs(reg x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
+  static reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
+  static reg round_even(reg x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static bool any_nan(reg x) { return _mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)) != 0; }
   static float first(reg x) { return _mm256_cvtss_f32(x); }
   static float reduce_max(reg x) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
@@ -62,7 +67,12 @@ struct V : Avx2 {
 }  // namespace
 
 #include "attention_impl.h"
+#include "kv_quantize_impl.h"
 
 void omnibus_cpu::attention_tile_avx2(const AttentionArgs& args, const WorkItem& item) {
   dispatch(args, item);
+}
+
+void omnibus_cpu::quantize_int8_row_avx2(const float* x, int head_dim, int8_t* out) {
+  quantize_row(x, head_dim, out);
 }

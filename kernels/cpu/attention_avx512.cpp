@@ -22,6 +22,11 @@ struct V : Avx512 {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
   static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
+  static reg abs(reg x) { return _mm512_abs_ps(x); }
+  static reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
+  static reg round_even(reg x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static bool any_nan(reg x) { return _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0; }
   static float first(reg x) { return _mm512_cvtss_f32(x); }
   static float reduce_max(reg x) { return _mm512_reduce_max_ps(x); }
   // out[i] = sum of the lanes of rows[i], for 16 rows: a transposing add tree (15 adds).
@@ -56,7 +61,12 @@ struct V : Avx512 {
 }  // namespace
 
 #include "attention_impl.h"
+#include "kv_quantize_impl.h"
 
 void omnibus_cpu::attention_tile_avx512(const AttentionArgs& args, const WorkItem& item) {
   dispatch(args, item);
+}
+
+void omnibus_cpu::quantize_int8_row_avx512(const float* x, int head_dim, int8_t* out) {
+  quantize_row(x, head_dim, out);
 }

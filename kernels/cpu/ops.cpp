@@ -6,9 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstring>
-#include <limits>
 #include <string>
 #include <vector>
 
@@ -51,29 +49,11 @@ int64_t cache_row(const at::Tensor& cache, int64_t head_dim) {
   return cache.scalar_type() == at::kChar ? head_dim + head_dim / kScaleGroup * kScaleBytes : head_dim;
 }
 
-// kernels/int8_kv.py's quantize_rows for one group, with the same float32 operations: scale =
-// max|x| / 127, values round-half-even(x / scale) clamped to [-127, 127]; NaN: NaN scale, zeros.
-float quantize_group(const float* x, int8_t* out) {
-  float amax = 0.0f;
-  bool nan = false;
-  for (int64_t i = 0; i < kScaleGroup; ++i) {
-    const float a = std::fabs(x[i]);
-    nan |= a != a;
-    amax = a > amax ? a : amax;
-  }
-  const float scale = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
-  for (int64_t i = 0; i < kScaleGroup; ++i) {
-    const float v = std::nearbyint(scale > 0.0f ? x[i] / scale : 0.0f);
-    out[i] = v != v ? 0 : int8_t(std::min(127.0f, std::max(-127.0f, v)));
-  }
-  return scale;
-}
+using QuantizeFn = void (*)(const float*, int, int8_t*);
 
-void quantize_row(const float* x, int64_t head_dim, int8_t* out) {
-  for (int64_t g = 0; g < head_dim / kScaleGroup; ++g) {
-    const float scale = quantize_group(x + g * kScaleGroup, out + g * kScaleGroup);
-    std::memcpy(out + head_dim + g * kScaleBytes, &scale, kScaleBytes);
-  }
+QuantizeFn quantize_fn(const std::string& isa) {
+  tile_fn(isa);  // checks the name and this CPU
+  return isa == "avx512" ? quantize_int8_row_avx512 : quantize_int8_row_avx2;
 }
 
 void check_index_tensor(const at::Tensor& t, const char* name, int64_t dim) {
@@ -213,7 +193,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 }
 
 void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
-              const at::Tensor& slot_mapping) {
+              const at::Tensor& slot_mapping, const std::string& isa) {
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
                   k_cache.sizes() == v_cache.sizes(),
               "k_cache and v_cache must be contiguous [blocks, block_size, kv_heads, head_dim] alike");
@@ -244,13 +224,17 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cach
     auto* vc = v_cache.data_ptr<int8_t>();
     const float* kp = key.data_ptr<float>();
     const float* vp = value.data_ptr<float>();
-    for (int64_t t = 0; t < num_tokens; ++t) {
-      if (slots[t] < 0) continue;
-      for (int64_t h = 0; h < num_kv_heads; ++h) {
-        quantize_row(kp + t * key.stride(0) + h * head_dim, head_dim, kc + slots[t] * row + h * head_row);
-        quantize_row(vp + t * value.stride(0) + h * head_dim, head_dim, vc + slots[t] * row + h * head_row);
+    const QuantizeFn quantize = quantize_fn(isa);
+    // A prefill chunk's rows are independent (every token has its own slot): spread them.
+    at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        if (slots[t] < 0) continue;
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+          quantize(kp + t * key.stride(0) + h * head_dim, int(head_dim), kc + slots[t] * row + h * head_row);
+          quantize(vp + t * value.stride(0) + h * head_dim, int(head_dim), vc + slots[t] * row + h * head_row);
+        }
       }
-    }
+    });
     return;
   }
   const int64_t elem = k_cache.element_size();
