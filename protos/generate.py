@@ -1,6 +1,6 @@
 """Regenerate the Python protobuf/gRPC code beside the .proto files.
 
-Run `python protos/generate.py` after editing a .proto; tests/test_proto_codegen.py fails when the
+Run `python protos/generate.py` after editing a .proto; tests/test_layout_rules.py fails when the
 committed code is stale.
 """
 

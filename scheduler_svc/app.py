@@ -321,6 +321,7 @@ class ServingApp:
             dtype=hello.dtype,
             eos_token_ids=sorted(self.tokenizer.eos_token_ids),
             model_fingerprint=hello.model_fingerprint,
+            kv_cache_dtype=hello.kv_cache_dtype or hello.dtype,  # a worker that does not say keeps the model's
         )
 
     def _on_engine_dead(self, reason: str) -> None:

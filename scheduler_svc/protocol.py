@@ -122,6 +122,7 @@ class WorkerHello(msgspec.Struct, tag="hello", array_like=True):
     num_swap_blocks: int = 0  # CPU swap space, in blocks (0: preemption is by recompute only)
     kv_bytes_per_block: int = 0  # one block across every layer, K and V
     swap_bytes_per_s: float = 0.0  # measured device -> CPU -> device copy rate, one direction
+    kv_cache_dtype: str = ""  # the KV pool's element type, e.g. "float32", "int8" ("": not told)
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):

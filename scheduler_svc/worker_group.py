@@ -48,7 +48,8 @@ _REREGISTER_INTERVAL_S = 2.0  # between two requests to the same unregistered wo
 _REREGISTER_GRACE_S = 1.0
 _MAX_UNREGISTERED_TRACKED = 1024
 # What every rank, and every worker that replaces one, must share with the others.
-_SAME_MODEL_FIELDS = ("model_fingerprint", "block_size", "vocab_size", "world_size", "max_model_len", "dtype")
+_SAME_MODEL_FIELDS = ("model_fingerprint", "block_size", "vocab_size", "world_size", "max_model_len", "dtype",
+                      "kv_cache_dtype")
 
 logger = logging.getLogger(__name__)
 

@@ -216,6 +216,8 @@ def test_float16_kv_cache_matches_transformers(half_kv_server, server, prompts, 
     assert_all_match(outputs, reference, "over a float16 KV cache", near_tie=NEAR_TIE_16BIT_KV)
     half, full = (s.call(lambda app: app.workers.hellos[0]) for s in (half_kv_server, server))
     assert half.dtype == full.dtype == "float32"
+    infos = [s.stub().GetModelInfo(pb.GetModelInfoRequest()) for s in (half_kv_server, server)]
+    assert [i.kv_cache_dtype for i in infos] == ["float16", "float32"]
     assert 2 * half.kv_bytes_per_block == full.kv_bytes_per_block  # the same blocks in half the bytes
 
 
@@ -227,4 +229,5 @@ def test_int8_kv_cache_stays_close_to_transformers(int8_kv_server, server, promp
     assert identical >= 5, f"only {identical} of {len(prompts)} prompts equal transformers throughout"
     int8, full = (s.call(lambda app: app.workers.hellos[0]) for s in (int8_kv_server, server))
     assert int8.dtype == full.dtype == "float32"
+    assert int8_kv_server.stub().GetModelInfo(pb.GetModelInfoRequest()).kv_cache_dtype == "int8"
     assert 32 * int8.kv_bytes_per_block == 9 * full.kv_bytes_per_block  # 9 bits a value, not 32

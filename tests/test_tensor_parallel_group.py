@@ -91,13 +91,14 @@ async def test_the_group_serves_only_once_every_rank_of_its_size_registered():
         assert [h.rank for h in hellos] == [0, 1] and [h.num_kv_blocks for h in hellos] == [64, 48]
 
 
-async def test_ranks_that_disagree_on_the_model_are_refused():
+@pytest.mark.parametrize("field,value", [("dtype", "bfloat16"), ("kv_cache_dtype", "int8")])
+async def test_ranks_that_disagree_on_the_model_are_refused(field, value):
     async with running_group() as (workers, context):
         ranks = [FakeRank(context, workers.endpoint, rank) for rank in range(WORLD_SIZE)]
-        ranks[1].hello = msgspec.structs.replace(ranks[1].hello, dtype="bfloat16")
+        ranks[1].hello = msgspec.structs.replace(ranks[1].hello, **{field: value})
         for rank in ranks:
             await rank.register()
-        with pytest.raises(WorkerRegistrationError, match="disagree on dtype"):
+        with pytest.raises(WorkerRegistrationError, match=f"disagree on {field}"):
             await workers.wait_registered(10.0)
 
 

@@ -200,6 +200,7 @@ def build_runner(config: WorkerConfig) -> tuple[ModelRunner, protocol.WorkerHell
         num_swap_blocks=0 if swap_space is None else swap_space.num_blocks,
         kv_bytes_per_block=spec.bytes_per_block,
         swap_bytes_per_s=swap_bytes_per_s,
+        kv_cache_dtype=dtype_name(kv_dtype),
     )
     logger.info(
         "worker %d of %d ready: model %s, device %s, dtype %s, linears %s, %d KV blocks of %d tokens "
