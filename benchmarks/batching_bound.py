@@ -306,12 +306,12 @@ def prefill_step(model: LlamaForCausalLM, caches, attn: AttentionMetadata, input
 @torch.inference_mode()
 def measure_points(args: argparse.Namespace) -> list[CostPoint]:
     """Median step times of decode batches, prefill chunks and mixed steps, in this process."""
-    model, _ = build(prepare_model(args.model), "auto", "onednn")  # the CPU defaults
+    model, _, argmax = build(prepare_model(args.model), "auto", "onednn")  # the CPU defaults
     generator = torch.Generator().manual_seed(0)
     points = []
     for batch in args.batches:
         for context in args.contexts:
-            step = decode_step(model, *decode_inputs(model, batch, context, generator))
+            step = decode_step(model, *decode_inputs(model, batch, context, generator), argmax=argmax)
             points.append(CostPoint(batch, batch * (context + 1), 0, median_s(step, args.repeats) * 1e3))
             print(_point_line(points[-1]), flush=True)
     shapes = [(p, 0, 0) for p in args.prefills] + [_mixed_shape(text) for text in args.mixed]

@@ -41,11 +41,11 @@ from clients.bench.report import git_revision
 from kernels import int8_kv
 from kernels.reference import AttentionOps
 from worker_svc.attention_metadata import AttentionMetadata
-from worker_svc.cpu_fused_ops import use_fused_cpu_ops
+from worker_svc.cpu_fused_ops import sampler_argmax, use_fused_cpu_ops
 from worker_svc.cpu_linear import PackedLinear, pack_linears
 from worker_svc.model_store import load_model, prepare_model
 from worker_svc.models.llama import LlamaForCausalLM
-from worker_svc.sampler import Sampler
+from worker_svc.sampler import Sampler, torch_argmax
 from scheduler_svc.protocol import SamplingOptions
 from worker_svc.worker import attention_ops
 
@@ -63,6 +63,7 @@ CONFIGS = {
     "after-int8kv": StepConfig("auto", "onednn", torch.int8),  # opt-in: (head_dim + 4) / (4 head_dim)
 }
 BLOCK_SIZE = 16
+Argmax = Callable[[torch.Tensor], torch.Tensor]  # the sampler's row argmax
 
 
 @dataclass(slots=True)
@@ -178,21 +179,21 @@ def gemm_calls(model: LlamaForCausalLM, rows: int, generator: torch.Generator) -
     }
 
 
-def build(model_dir: Path, attention: str, linear: str) -> tuple[LlamaForCausalLM, AttentionOps]:
-    """The model as a worker with these backends builds it (worker_svc/worker.py)."""
+def build(model_dir: Path, attention: str, linear: str) -> tuple[LlamaForCausalLM, AttentionOps, Argmax]:
+    """The model as a worker with these backends builds it (worker_svc/worker.py), with its
+    sampler's row argmax."""
     ops = attention_ops(attention, torch.device("cpu"))
     model = load_model(model_dir, torch.device("cpu"), torch.float32, attn_ops=ops)
     if linear == "onednn":
         pack_linears(model)
-    if attention != "torch":
-        use_fused_cpu_ops(model)
-    return model, ops
+    isa = use_fused_cpu_ops(model) if attention != "torch" else None
+    return model, ops, sampler_argmax(isa)
 
 
 def decode_step(model: LlamaForCausalLM, caches, attn: AttentionMetadata, input_ids: torch.Tensor,
-                positions: torch.Tensor) -> Callable[[], list[int]]:
+                positions: torch.Tensor, argmax: Argmax = torch_argmax) -> Callable[[], list[int]]:
     """One decode step as the worker runs it: forward, logits of every row, greedy sampling."""
-    sampler = Sampler("cpu")
+    sampler = Sampler("cpu", argmax=argmax)
     greedy = [SamplingOptions()] * len(attn.seq_lens_cpu)
     sample_positions = list(attn.seq_lens_cpu)
 
@@ -204,19 +205,19 @@ def decode_step(model: LlamaForCausalLM, caches, attn: AttentionMetadata, input_
 
 
 @torch.inference_mode()
-def step_ms(model: LlamaForCausalLM, batch: int, context: int, repeats: int) -> float:
+def step_ms(model: LlamaForCausalLM, batch: int, context: int, repeats: int, argmax: Argmax = torch_argmax) -> float:
     """Median milliseconds of one decode step of `batch` sequences after `context` tokens."""
     inputs = decode_inputs(model, batch, context, torch.Generator().manual_seed(batch * 100_003 + context))
-    return median_s(decode_step(model, *inputs), repeats) * 1e3
+    return median_s(decode_step(model, *inputs, argmax=argmax), repeats) * 1e3
 
 
 @torch.inference_mode()
-def measure_point(config: str, model: LlamaForCausalLM, ops: AttentionOps, batch: int, context: int,
+def measure_point(config: str, model: LlamaForCausalLM, ops: AttentionOps, argmax: Argmax, batch: int, context: int,
                   gemm: dict[str, Callable[[], object]], bandwidth_gbs: float, repeats: int) -> StepPoint:
     generator = torch.Generator().manual_seed(batch * 100_003 + context)
     kv_dtype = CONFIGS[config].kv_dtype
     caches, attn, input_ids, positions = decode_inputs(model, batch, context, generator, kv_dtype)
-    step = decode_step(model, caches, attn, input_ids, positions)
+    step = decode_step(model, caches, attn, input_ids, positions, argmax)
     q = torch.randn(batch, model.num_heads, model.head_dim, generator=generator)
     scale = model.head_dim**-0.5
 
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     gemm_cache: dict[int, dict[str, Callable[[], object]]] = {}  # one batch's weights at a time
     weight_bytes = 0
     for config in args.configs:
-        model, ops = build(model_dir, CONFIGS[config].attention, CONFIGS[config].linear)
+        model, ops, argmax = build(model_dir, CONFIGS[config].attention, CONFIGS[config].linear)
         weight_bytes = sum(k * n * 4 for k, n in linear_shapes(model))
         for batch, context in grid:
             pool_gib = kv_bytes(model, batch, context, CONFIGS[config].kv_dtype) / (1 << 30)
@@ -287,10 +288,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if batch not in gemm_cache:
                 gemm_cache = {batch: gemm_calls(model, batch, generator)}
-            point = measure_point(config, model, ops, batch, context, gemm_cache[batch], bandwidth, args.repeats)
+            point = measure_point(config, model, ops, argmax, batch, context, gemm_cache[batch], bandwidth,
+                                  args.repeats)
             results.append(point)
             print(format_table([point], bandwidth, weight_bytes).splitlines()[-1], flush=True)
-        del model, ops
+        del model, ops, argmax
     table = format_table(results, bandwidth, weight_bytes)
     print(table)
     if args.result_json:

@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def paired_rounds(args: argparse.Namespace, model, batch: int) -> list[tuple[float, float]]:
+def paired_rounds(args: argparse.Namespace, model, argmax, batch: int) -> list[tuple[float, float]]:
     """(served, in-process) step ms of each round: the median inter-token gap of B streams decoding
     in lockstep, then this process's step of the same shape while the server idles."""
     server_args = argparse.Namespace(port=args.port, batch_size=batch, num_kv_blocks=args.num_kv_blocks,
@@ -60,16 +60,16 @@ def paired_rounds(args: argparse.Namespace, model, batch: int) -> list[tuple[flo
         for _ in range(args.repeats):
             result = asyncio.run(run_workload(requests, [0.0] * batch, RunOptions(target=target, progress=False)))
             gaps = [gap for record in result.records for gap in itls(record)]
-            rounds.append((statistics.median(gaps) * 1e3, step_ms(model, batch, context, repeats=5)))
+            rounds.append((statistics.median(gaps) * 1e3, step_ms(model, batch, context, repeats=5, argmax=argmax)))
     return rounds
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model, _ = build(prepare_model(), "auto", "onednn")
+    model, _, argmax = build(prepare_model(), "auto", "onednn")
     rows = []
     for batch in args.batches:
-        rounds = paired_rounds(args, model, batch)
+        rounds = paired_rounds(args, model, argmax, batch)
         ratios = [served / in_process for served, in_process in rounds]
         rows.append({"batch": batch, "context": args.prompt_len + args.output_len // 2,
                      "served_step_ms": statistics.median(s for s, _ in rounds),

@@ -141,6 +141,85 @@ def test_rotary_takes_a_head_stride(library, isa, seed):
     assert torch.equal(padded[..., 64:], tail)
 
 
+# Vector tails of both widths, a decode batch's vocabulary, one past 2^16.
+ARGMAX_COLUMNS = [1, 7, 15, 16, 17, 33, 49152, 65537]
+
+
+def kernel_argmax(library, isa: str, x: torch.Tensor) -> torch.Tensor:
+    out = torch.full((x.shape[0],), -7, dtype=torch.int64)  # poisoned: every row must be written
+    library.argmax_rows(out, x, isa)
+    return out
+
+
+@pytest.mark.parametrize("columns", ARGMAX_COLUMNS)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("values", ["normal", "few distinct", "strided"])
+def test_argmax_matches_torch(library, isa, seed, columns, tokens, values):
+    """"few distinct": small integers, so every row holds its maximum many times over lanes and the
+    tail, and the first of them must win."""
+    generator = torch.Generator().manual_seed(seed)
+    if values == "few distinct":
+        x = torch.randint(-3, 3, (tokens, columns), generator=generator).float()
+    elif values == "strided":
+        x = strided_rows(tokens, columns, generator)
+    else:
+        x = torch.randn(tokens, columns, generator=generator)
+    assert torch.equal(kernel_argmax(library, isa, x), x.argmax(dim=-1))
+
+
+def test_argmax_ranks_nan_infinities_and_signed_zeros_as_torch(library, isa, seed):
+    inf, nan = float("inf"), float("nan")
+    generator = torch.Generator().manual_seed(seed)
+    columns = 100
+    position = lambda: int(torch.randint(columns, (1,), generator=generator))  # noqa: E731
+    rows = []
+    for fill, marks in [
+        (-inf, []),  # nothing beats -inf: the first
+        (0.0, []),  # all equal
+        (-1.0, [(position(), inf), (position(), inf)]),
+        (-1.0, [(position(), -0.0), (position(), 0.0)]),  # -0.0 == 0.0: the first of the two
+        (0.0, [(position(), nan)]),
+        (0.0, [(position(), inf), (position(), nan), (position(), nan)]),  # the first NaN, past any inf
+        (-inf, [(columns - 1, -3.0)]),  # the maximum in the vector tail alone
+        (nan, []),
+    ]:
+        row = torch.full((columns,), fill)
+        for index, value in marks:
+            row[index] = value
+        rows.append(row)
+    x = torch.stack(rows)
+    assert torch.equal(kernel_argmax(library, isa, x), x.argmax(dim=-1))
+
+
+def test_sampler_with_the_kernel_argmax_draws_torchs_tokens(library, isa, seed):
+    """Greedy rows and the exponential race (seeded and unseeded rows) pick the same tokens."""
+    from scheduler_svc.protocol import SamplingOptions
+    from worker_svc.sampler import Sampler
+
+    logits = torch.randn(6, 4099, generator=torch.Generator().manual_seed(seed)) * 3
+    options = [SamplingOptions(), SamplingOptions(temperature=0.8, seed=seed),
+               SamplingOptions(temperature=1.2, top_k=50), SamplingOptions(temperature=0.7, top_p=0.9),
+               SamplingOptions(), SamplingOptions(temperature=1.0, min_p=0.05)]
+    positions = list(range(6))
+    kernel = CpuElementwise(isa).argmax
+    for batch in (options, options[:1] + options[4:5]):
+        rows = logits[: len(batch)]
+        ours = Sampler("cpu", seed=seed, argmax=kernel).sample(rows, batch, positions)
+        expected = Sampler("cpu", seed=seed).sample(rows, batch, positions)
+        assert torch.equal(ours, expected)
+
+
+def test_argmax_leaves_to_torch_what_the_kernel_does_not_take(library):
+    argmax = CpuElementwise(library.supported_isas()[0]).argmax
+    x = torch.randn(5, 40)
+    for other in (x.double(), x.t(), x[0], torch.empty(3, 0)):
+        if other.numel() == 0:
+            with pytest.raises((RuntimeError, IndexError)):
+                argmax(other)
+            continue
+        assert torch.equal(argmax(other), other.argmax(dim=-1))
+
+
 def test_bad_inputs_are_rejected(library):
     x, residual, weight = torch.randn(3, 64), torch.randn(3, 64), torch.randn(64)
     with pytest.raises(RuntimeError, match="float32"):
@@ -159,6 +238,12 @@ def test_bad_inputs_are_rejected(library):
         library.rotary_neox(torch.randn(3, 2, 7), torch.randn(3, 7), torch.randn(3, 7))
     with pytest.raises(RuntimeError, match="unknown isa"):
         library.rms_norm(torch.empty(3, 64), x, weight, 1e-5, "sse2")
+    with pytest.raises(RuntimeError, match="int64"):
+        library.argmax_rows(torch.empty(3, dtype=torch.int32), x)
+    with pytest.raises(RuntimeError, match="one element per row"):
+        library.argmax_rows(torch.empty(2, dtype=torch.int64), x)
+    with pytest.raises(RuntimeError, match="columns"):
+        library.argmax_rows(torch.empty(3, dtype=torch.int64), torch.empty(3, 0))
 
 
 def test_empty_batch_is_a_no_op(library):

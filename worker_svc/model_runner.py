@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -14,7 +15,7 @@ from worker_svc.logits_processing import RowHistory, needs_history
 from worker_svc.logprobs import gather_logprobs
 from worker_svc.models.llama import LlamaForCausalLM
 from worker_svc.request_state import PlanError, RequestStates, ScheduledRequest
-from worker_svc.sampler import Sampler
+from worker_svc.sampler import Sampler, torch_argmax
 from worker_svc.swap_space import SwapSpace
 from worker_svc.tensor_parallel import share_sampled_tokens
 from worker_svc.token_mask import apply_token_masks
@@ -39,9 +40,11 @@ class ModelRunner:
         sampler_seed: int | None = None,
         swap_space: SwapSpace | None = None,
         world_size: int = 1,
+        argmax: Callable[[torch.Tensor], torch.Tensor] = torch_argmax,
     ) -> None:
         """`world_size` > 1: a tensor-parallel rank of a joined process group, whose model is
-        sharded (tensor_parallel.py); rank 0 samples and every rank appends its tokens."""
+        sharded (tensor_parallel.py); rank 0 samples and every rank appends its tokens. `argmax`:
+        the sampler's (see `Sampler`)."""
         if len(kv_caches) != model.num_layers:
             raise ValueError(f"{len(kv_caches)} KV cache layers for a {model.num_layers}-layer model")
         self.model = model
@@ -52,7 +55,7 @@ class ModelRunner:
         self.world_size = world_size
         self.num_blocks = kv_caches[0][0].shape[0]
         self.requests = RequestStates(block_size, self.num_blocks, max_model_len)
-        self.sampler = Sampler(self.device, seed=sampler_seed)
+        self.sampler = Sampler(self.device, seed=sampler_seed, argmax=argmax)
         self.swap_space = swap_space
 
     def reset(self) -> None:

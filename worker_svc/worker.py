@@ -24,7 +24,7 @@ from scheduler_svc import protocol
 from scheduler_svc.worker_link_security import WorkerKeys, load_worker_keys, secure_worker_socket
 from kernels.reference import AttentionOps
 from worker_svc.backends import ATTENTION_BACKENDS, LINEAR_BACKENDS
-from worker_svc.cpu_fused_ops import use_fused_cpu_ops
+from worker_svc.cpu_fused_ops import sampler_argmax, use_fused_cpu_ops
 from worker_svc.cpu_linear import pack_linears, resolve_linear_backend
 from worker_svc.kv_cache import (
     KVCacheSpec,
@@ -174,8 +174,9 @@ def build_runner(config: WorkerConfig) -> tuple[ModelRunner, protocol.WorkerHell
     linear_backend = resolve_linear_backend(config.linear_backend, model)
     if linear_backend == "onednn":
         pack_linears(model)  # after sharding: it packs each rank's own slices
+    elementwise_isa = None
     if config.attention_backend != "torch":  # `torch` is the plain reference throughout
-        use_fused_cpu_ops(model)  # float32 CPU models only; elsewhere the torch ops stay
+        elementwise_isa = use_fused_cpu_ops(model)  # float32 CPU models only; elsewhere the torch ops stay
     max_model_len = _max_model_len(model, config.max_model_len)
     spec = KVCacheSpec(model.num_layers, config.block_size, local_num_kv_heads(model.config, config.world_size),
                        model.head_dim, kv_dtype)
@@ -184,7 +185,8 @@ def build_runner(config: WorkerConfig) -> tuple[ModelRunner, protocol.WorkerHell
     swap_space = _swap_space(config, spec, device)
     swap_bytes_per_s = 0.0 if swap_space is None else swap_space.measure_bytes_per_s(kv_caches, spec.bytes_per_block)
     runner = ModelRunner(model, kv_caches, config.block_size, device, config.rank,
-                         max_model_len=max_model_len, swap_space=swap_space, world_size=config.world_size)
+                         max_model_len=max_model_len, swap_space=swap_space, world_size=config.world_size,
+                         argmax=sampler_argmax(elementwise_isa))
     hello = protocol.WorkerHello(
         protocol_version=protocol.PROTOCOL_VERSION,
         rank=config.rank,

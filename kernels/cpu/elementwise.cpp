@@ -123,6 +123,17 @@ void rotary_neox(at::Tensor& qk, const at::Tensor& cos, const at::Tensor& sin, c
   run_tokens(kernels.rotary_neox, args, num_tokens, 2 * qk.size(1) * head_dim);
 }
 
+void argmax_rows(at::Tensor& out, const at::Tensor& x, c10::string_view isa) {
+  const ElementwiseKernels& kernels = kernels_for(isa);
+  check_rows(x, "x");
+  TORCH_CHECK(x.size(1) > 0 && x.size(1) < (int64_t(1) << 24), "x must have 1 to 2^24 - 1 columns");
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kLong && out.dim() == 1 && out.is_contiguous() &&
+                  out.size(0) == x.size(0),
+              "out must be a contiguous int64 CPU vector of one element per row of x");
+  const ArgmaxArgs args{out.data_ptr<int64_t>(), x.data_ptr<float>(), x.stride(0), x.size(1)};
+  run_tokens(kernels.argmax_rows, args, x.size(0), x.size(1));
+}
+
 void define_ops(torch::Library& m) {
   m.def("supported_isas() -> str[]", &supported_isas);
   m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, str isa=\"\") -> ()",
@@ -130,6 +141,7 @@ void define_ops(torch::Library& m) {
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps, str isa=\"\") -> ()", &rms_norm);
   m.def("silu_and_mul(Tensor(a!) out, Tensor gate_up, str isa=\"\") -> ()", &silu_and_mul);
   m.def("rotary_neox(Tensor(a!) qk, Tensor cos, Tensor sin, str isa=\"\") -> ()", &rotary_neox);
+  m.def("argmax_rows(Tensor(a!) out, Tensor x, str isa=\"\") -> ()", &argmax_rows);
 }
 
 // TORCH_LIBRARY(omnibus_cpu_elementwise, m), except that a second build of this extension loaded

@@ -1,5 +1,6 @@
 // Plain-data interface between the torch binding (elementwise.cpp) and the per-ISA builds of the
-// decoder's small per-token ops: RMSNorm (with the residual add fused in), SiLU-and-mul, rotary.
+// decoder's small per-token ops: RMSNorm (with the residual add fused in), SiLU-and-mul, rotary,
+// and greedy sampling's row argmax.
 // As with attention.h, the ISA translation units include no torch or standard-library headers.
 #pragma once
 
@@ -44,12 +45,21 @@ struct RotaryArgs {
   int64_t token_stride, head_stride, cos_stride, sin_stride, num_heads, head_dim;
 };
 
+// out[t] = the first index of the largest x[t, :], or of its first NaN: torch.argmax(x, -1).
+// 0 < n < 2^24 (indices are carried in float lanes, exact below that).
+struct ArgmaxArgs {
+  int64_t* out;
+  const float* x;
+  int64_t x_stride, n;
+};
+
 // One ISA build: each function handles tokens [begin, end).
 struct ElementwiseKernels {
   void (*add_rms_norm)(const AddRmsNormArgs&, int64_t begin, int64_t end);
   void (*rms_norm)(const RmsNormArgs&, int64_t begin, int64_t end);
   void (*silu_and_mul)(const SiluAndMulArgs&, int64_t begin, int64_t end);
   void (*rotary_neox)(const RotaryArgs&, int64_t begin, int64_t end);
+  void (*argmax_rows)(const ArgmaxArgs&, int64_t begin, int64_t end);
 };
 
 extern const ElementwiseKernels kElementwiseAvx512;

@@ -21,6 +21,14 @@ struct V : Avx2 {
   // Lanes [0, n) of p (the rest read as 0 and are never touched in memory).
   static reg load_first(const float* p, int64_t n) { return _mm256_maskload_ps(p, first_lanes(n)); }
   static void store_first(float* p, reg x, int64_t n) { _mm256_maskstore_ps(p, first_lanes(n), x); }
+  static reg load_first_or(const float* p, int64_t n, float fill) {
+    const __m256i lanes = first_lanes(n);
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, lanes), _mm256_castsi256_ps(lanes));
+  }
+  static reg iota() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
+  // x where a > b (ordered: never where either is NaN), else y.
+  static reg select_greater(reg a, reg b, reg x, reg y) { return _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
+  static int nan_lanes(reg x) { return _mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
   static reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
   static reg neg(reg x) { return _mm256_xor_ps(x, _mm256_set1_ps(-0.0f)); }
   // Cephes-style expf over the whole float range: 2^n applied as two factors so that n from -150

@@ -18,6 +18,15 @@ struct V : Avx512 {
   // Lanes [0, n) of p (the rest read as 0 and are never touched in memory).
   static reg load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first_lanes(n), p); }
   static void store_first(float* p, reg x, int64_t n) { _mm512_mask_storeu_ps(p, first_lanes(n), x); }
+  static reg load_first_or(const float* p, int64_t n, float fill) {
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), first_lanes(n), p);
+  }
+  static reg iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  // x where a > b (ordered: never where either is NaN), else y.
+  static reg select_greater(reg a, reg b, reg x, reg y) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), y, x);
+  }
+  static int nan_lanes(reg x) { return int(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q)); }
   static reg div(reg a, reg b) { return _mm512_div_ps(a, b); }
   static reg neg(reg x) { return _mm512_xor_ps(x, _mm512_set1_ps(-0.0f)); }
   // Cephes-style expf over the whole float range: 2^n applied as two factors so that n from -150
