@@ -306,7 +306,7 @@ def prefill_step(model: LlamaForCausalLM, caches, attn: AttentionMetadata, input
 @torch.inference_mode()
 def measure_points(args: argparse.Namespace) -> list[CostPoint]:
     """Median step times of decode batches, prefill chunks and mixed steps, in this process."""
-    model, _, argmax = build(prepare_model(args.model), "auto", "onednn")  # the CPU defaults
+    model, _, argmax = build(prepare_model(args.model), "auto", "auto")  # the CPU defaults
     generator = torch.Generator().manual_seed(0)
     points = []
     for batch in args.batches:

@@ -15,8 +15,10 @@ so each round's step / floor ratio pairs measurements a fraction of a second apa
 drifts up to 1.5x over minutes. Step / floor is the median of the rounds' ratios.
 
 Configurations: `before` (torch reference attention, `F.linear`), `after` (the defaults on a
-CPU: our C++ attention and elementwise kernels, oneDNN prepacked linears), `after-f16kv` and
-`after-int8kv` (the same over a float16 or int8 KV cache, `--kv-cache-dtype float16|int8`).
+CPU: our C++ attention and elementwise kernels, oneDNN prepacked linears and, at up to 12 rows,
+the block kernel on the weights' own Q4_1/Q8_0 blocks), `after-onednn` (the same without the
+block kernel), `after-f16kv` and `after-int8kv` (`after` over a float16 or int8 KV cache,
+`--kv-cache-dtype float16|int8`).
 Medians over `--repeats`.
 
     python -m benchmarks.cpu_step --result-json bench_results/cpu_step.json
@@ -42,7 +44,8 @@ from kernels import int8_kv
 from kernels.reference import AttentionOps
 from worker_svc.attention_metadata import AttentionMetadata
 from worker_svc.cpu_fused_ops import sampler_argmax, use_fused_cpu_ops
-from worker_svc.cpu_linear import PackedLinear, pack_linears
+from worker_svc.cpu_block_linear import MAX_BLOCK_ROWS, Q4_1, BlockLinear
+from worker_svc.cpu_linear import PackedLinear, prepare_linears
 from worker_svc.model_store import load_model, prepare_model
 from worker_svc.models.llama import LlamaForCausalLM
 from worker_svc.sampler import Sampler, torch_argmax
@@ -58,9 +61,10 @@ class StepConfig:
 
 CONFIGS = {
     "before": StepConfig("torch", "torch"),
-    "after": StepConfig("auto", "onednn"),
-    "after-f16kv": StepConfig("auto", "onednn", torch.float16),  # opt-in: half the K/V bytes
-    "after-int8kv": StepConfig("auto", "onednn", torch.int8),  # opt-in: (head_dim + 4) / (4 head_dim)
+    "after-onednn": StepConfig("auto", "onednn"),  # the defaults before the block weights
+    "after": StepConfig("auto", "auto"),  # the defaults: oneDNN, and the block weights at <= 12 rows
+    "after-f16kv": StepConfig("auto", "auto", torch.float16),  # opt-in: half the K/V bytes
+    "after-int8kv": StepConfig("auto", "auto", torch.int8),  # opt-in: (head_dim + 4) / (4 head_dim)
 }
 BLOCK_SIZE = 16
 Argmax = Callable[[torch.Tensor], torch.Tensor]  # the sampler's row argmax
@@ -168,15 +172,29 @@ def linear_shapes(model: LlamaForCausalLM) -> list[tuple[int, int]]:
 
 
 def gemm_calls(model: LlamaForCausalLM, rows: int, generator: torch.Generator) -> dict[str, Callable[[], object]]:
-    """The step's matrix products on `rows` rows, one call per linear backend."""
+    """The step's matrix products on `rows` rows, one call per linear backend: `torch` and `onednn`
+    on random weights of the model's shapes, `blocks` (where the model has them, at up to
+    MAX_BLOCK_ROWS rows) on the model's own Q4_1/Q8_0 blocks."""
     shapes = linear_shapes(model)
     weights = [torch.randn(n, k, generator=generator) * 0.02 for k, n in shapes]
     inputs = {k: torch.randn(rows, k, generator=generator) for k, _ in set(shapes)}
     packed = [PackedLinear(w, None) for w in weights]
-    return {
+    calls = {
         "torch": lambda: [F.linear(inputs[w.shape[1]], w) for w in weights],
         "onednn": lambda: [p(inputs[p.in_features]) for p in packed],
     }
+    blocks = model_block_linears(model)
+    if rows <= MAX_BLOCK_ROWS and len(blocks) == len(shapes):
+        calls["blocks"] = lambda: [b(inputs[b.q.shape[1] * (2 if b.format == Q4_1 else 1)]) for b in blocks]
+    return calls
+
+
+def model_block_linears(model: LlamaForCausalLM) -> list[BlockLinear]:
+    """The model's `BlockLinear`s in step order (layers' qkv, o, gate_up, down, then the LM head)."""
+    modules = []
+    for layer in model.model.layers:
+        modules += [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
+    return [m for m in modules + [model.lm_head] if isinstance(m, BlockLinear)]
 
 
 def build(model_dir: Path, attention: str, linear: str) -> tuple[LlamaForCausalLM, AttentionOps, Argmax]:
@@ -184,8 +202,7 @@ def build(model_dir: Path, attention: str, linear: str) -> tuple[LlamaForCausalL
     sampler's row argmax."""
     ops = attention_ops(attention, torch.device("cpu"))
     model = load_model(model_dir, torch.device("cpu"), torch.float32, attn_ops=ops)
-    if linear == "onednn":
-        pack_linears(model)
+    prepare_linears(model, linear)
     isa = use_fused_cpu_ops(model) if attention != "torch" else None
     return model, ops, sampler_argmax(isa)
 
@@ -253,18 +270,23 @@ def points(args: argparse.Namespace) -> list[tuple[int, int]]:
 def format_table(results: list[StepPoint], bandwidth_gbs: float, weight_bytes: int) -> str:
     lines = [
         f"read bandwidth {bandwidth_gbs:.1f} GB/s; weights streamed per step {weight_bytes / 1e6:.0f} MB",
-        "| config | batch | context | step ms | F.linear ms | oneDNN ms | GEMM floor ms | step / floor "
+        "| config | batch | context | step ms | F.linear ms | oneDNN ms | blocks ms | GEMM floor ms | step / floor "
         "| attention ms | attention % of step | attention bandwidth floor ms | tok/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.config} | {r.batch} | {r.context} | {r.step_ms:.1f} | {r.gemm_ms['torch']:.1f} "
-            f"| {r.gemm_ms['onednn']:.1f} | {r.gemm_floor_ms:.1f} | {r.step_over_floor:.2f}x "
+            f"| {r.gemm_ms['onednn']:.1f} | {_ms(r.gemm_ms.get('blocks'))} | {r.gemm_floor_ms:.1f} "
+            f"| {r.step_over_floor:.2f}x "
             f"| {r.attention_ms:.1f} | {100 * r.attention_share:.0f}% | {r.attention_floor_ms:.1f} "
             f"| {r.batch / r.step_ms * 1e3:.1f} |"
         )
     return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,7 +66,7 @@ def paired_rounds(args: argparse.Namespace, model, argmax, batch: int) -> list[t
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model, _, argmax = build(prepare_model(), "auto", "onednn")
+    model, _, argmax = build(prepare_model(), "auto", "auto")
     rows = []
     for batch in args.batches:
         rounds = paired_rounds(args, model, argmax, batch)

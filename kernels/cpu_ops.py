@@ -30,9 +30,10 @@ logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu"
 SOURCES = ("ops.cpp", "attention_avx512.cpp", "attention_avx2.cpp", "elementwise.cpp", "elementwise_avx512.cpp",
-           "elementwise_avx2.cpp")
+           "elementwise_avx2.cpp", "block_linear.cpp", "block_linear_avx512.cpp", "block_linear_avx2.cpp")
 HEADERS = ("attention.h", "attention_impl.h", "kv_quantize_impl.h", "elementwise.h", "elementwise_impl.h",
-           "simd_avx512.h", "simd_avx2.h", "cpu_features.h")
+           "block_linear.h", "block_linear_impl.h", "block_linear_binding.h", "simd_avx512.h", "simd_avx2.h",
+           "cpu_features.h", "isa_choice.h")
 # -fopenmp: at::parallel_for is inline OpenMP; the extension then shares torch's libgomp (same
 # SONAME, already loaded) and so its thread pool.
 _CFLAGS = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"]

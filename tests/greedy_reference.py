@@ -19,8 +19,10 @@ NEAR_TIE = 1e-3
 NEAR_TIE_16BIT_KV = 2e-2
 # An int8 cache (a scale per 32 values) moves logits further: measured on the spine with the cache
 # quantized and the continuations teacher-forced, up to 0.4-1.0 over the whole vocabulary and 511
-# of 512 top-1 tokens kept; served, 6 of the 8 prompts equal transformers for all 64 tokens and the
-# other two part where the top-2 gap was 0.082 and 0.040. The bound leaves 3x of that.
+# of 512 top-1 tokens kept; served with oneDNN linears, 6 of the 8 prompts equal transformers for all
+# 64 tokens and the other two part where the top-2 gap was 0.082 and 0.040; with the default block
+# weights (another summation order on top of the cache's rounding) 4 of 8, parting at gaps 0.082,
+# 0.042, 0.040 and 0.014. The bound leaves 3x of the largest.
 NEAR_TIE_INT8_KV = 0.25
 PARAGRAPH = (
     "The history of computing is a story of abstraction layered on abstraction, from relays and "

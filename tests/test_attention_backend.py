@@ -78,11 +78,17 @@ class TwoLinears(torch.nn.Module):
 
 def test_linear_backend_resolution():
     model = TwoLinears()
-    assert resolve_linear_backend("auto", model) == "onednn"
-    assert resolve_linear_backend("torch", model) == "torch"
-    assert resolve_linear_backend("auto", model.to(torch.bfloat16)) == "torch"
-    with pytest.raises(ValueError, match="float32 CPU model"):
-        resolve_linear_backend("onednn", model)
+    assert resolve_linear_backend("auto", model, block_kernels=True) == "blocks"
+    assert resolve_linear_backend("auto", model, block_kernels=False) == "onednn"
+    assert resolve_linear_backend("blocks", model, block_kernels=True) == "blocks"
+    assert resolve_linear_backend("onednn", model, block_kernels=True) == "onednn"
+    assert resolve_linear_backend("torch", model, block_kernels=True) == "torch"
+    assert resolve_linear_backend("auto", model.to(torch.bfloat16), block_kernels=True) == "torch"
+    with pytest.raises(ValueError, match="C\\+\\+ CPU kernels"):
+        resolve_linear_backend("blocks", model.float(), block_kernels=False)
+    for backend in ("onednn", "blocks"):
+        with pytest.raises(ValueError, match="float32 CPU model"):
+            resolve_linear_backend(backend, model.to(torch.bfloat16), block_kernels=True)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 32, 130])

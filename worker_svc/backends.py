@@ -1,7 +1,7 @@
 """Names of the worker's compute backends, importable without torch (the CLI offers them)."""
 
 ATTENTION_BACKENDS = ("auto", "cpu", "cuda", "torch")
-LINEAR_BACKENDS = ("auto", "onednn", "torch")
+LINEAR_BACKENDS = ("auto", "blocks", "onednn", "torch")
 
 ATTENTION_HELP = (
     "auto: our C++ kernels on a CPU (the torch reference, with a warning, where they cannot be built), "
@@ -9,8 +9,10 @@ ATTENTION_HELP = (
     "on a GPU); torch: the plain torch reference"
 )
 LINEAR_HELP = (
-    "auto: oneDNN with prepacked weights for a float32 model on a CPU, else F.linear; onednn: insist; "
-    "torch: F.linear"
+    "auto: blocks for a float32 model on a CPU where the C++ kernels build, else onednn there, else F.linear; "
+    "blocks: oneDNN, and batches of up to 12 rows on the weights' own Q4_1/Q8_0 blocks wherever the float32 "
+    "weights are exactly those (a GGUF's: same products, a sixth of the bytes); onednn: oneDNN with "
+    "prepacked weights only; torch: F.linear"
 )
 KV_CACHE_DTYPE_HELP = (
     "element type of the KV pool: auto (the model's) | float32 | bfloat16 | float16 | int8. Under a float32 "

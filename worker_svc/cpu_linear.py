@@ -10,11 +10,16 @@ with `F.linear` to float32 rounding.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from worker_svc.backends import LINEAR_BACKENDS
+from worker_svc.cpu_block_linear import use_block_weights
 from worker_svc.models.llama import Linear, LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
 
 # oneDNN picks its weight layout for an expected batch; measured flat from 1 to 256 at this hint.
 _BATCH_HINT = 32
@@ -40,21 +45,47 @@ def onednn_available(model: nn.Module) -> bool:
     return torch.backends.mkldnn.is_available() and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
-def resolve_linear_backend(backend: str, model: nn.Module) -> str:
-    """`auto` is oneDNN for a float32 CPU model when torch has it, else `torch` (`F.linear`)."""
+def prepare_linears(model: LlamaForCausalLM, backend: str) -> str:
+    """Resolve `backend` for `model` and apply it (after `shard_model`: each rank's own slices);
+    returns the backend it runs."""
+    isas = _block_kernel_isas() if backend in ("auto", "blocks") and onednn_available(model) else []
+    resolved = resolve_linear_backend(backend, model, bool(isas))
+    if resolved == "blocks":
+        use_block_weights(model, isas[0])
+    if resolved in ("blocks", "onednn"):
+        pack_linears(model)
+    return resolved
+
+
+def _block_kernel_isas() -> list[str]:
+    try:
+        from worker_svc.cpu_fused_ops import supported_isas
+
+        return supported_isas()
+    except Exception as error:  # compiler, ninja or headers missing: cpu_ops logs why
+        logger.info("block weights: no C++ kernels (%s: %s)", type(error).__name__, error)
+        return []
+
+
+def resolve_linear_backend(backend: str, model: nn.Module, block_kernels: bool) -> str:
+    """`auto` is `blocks` for a float32 CPU model when torch has oneDNN and `block_kernels` (the C++
+    extension runs here), `onednn` without them, else `torch` (`F.linear`)."""
     if backend not in LINEAR_BACKENDS:
         raise ValueError(f"linear backend {backend!r} is not one of {LINEAR_BACKENDS}")
     if backend == "torch":
         return "torch"
-    if onednn_available(model):
-        return "onednn"
-    if backend == "onednn":
-        raise ValueError("the onednn linear backend needs a float32 CPU model and torch built with oneDNN")
-    return "torch"
+    if not onednn_available(model):
+        if backend != "auto":
+            raise ValueError(f"the {backend} linear backend needs a float32 CPU model and torch built with oneDNN")
+        return "torch"
+    if backend == "blocks" and not block_kernels:
+        raise ValueError("the blocks linear backend needs the C++ CPU kernels, which cannot be built or run here")
+    return "blocks" if backend == "blocks" or (backend == "auto" and block_kernels) else "onednn"
 
 
 def pack_linears(model: LlamaForCausalLM) -> int:
-    """Replace every `Linear` of `model` (the LM head included) by a `PackedLinear`; returns how many.
+    """Replace every `Linear` of `model` (the LM head included, and the dense linear of each
+    `BlockLinear`) by a `PackedLinear`; returns how many.
 
     The unpacked weights are released, except a tied LM head's, which the embedding still reads.
     """

@@ -25,7 +25,7 @@ from scheduler_svc.worker_link_security import WorkerKeys, load_worker_keys, sec
 from kernels.reference import AttentionOps
 from worker_svc.backends import ATTENTION_BACKENDS, LINEAR_BACKENDS
 from worker_svc.cpu_fused_ops import sampler_argmax, use_fused_cpu_ops
-from worker_svc.cpu_linear import pack_linears, resolve_linear_backend
+from worker_svc.cpu_linear import prepare_linears
 from worker_svc.kv_cache import (
     KVCacheSpec,
     allocate_kv_caches,
@@ -75,7 +75,7 @@ class WorkerConfig:
     # auto: our C++ kernels on a CPU (the reference where they cannot be built), the torch
     # reference on a GPU until the CUDA kernels are verified | cpu | cuda | torch
     attention_backend: str = "auto"
-    linear_backend: str = "auto"  # auto (oneDNN prepacked on a float32 CPU model) | onednn | torch
+    linear_backend: str = "auto"  # auto (blocks on a float32 CPU model) | blocks | onednn | torch
     parent_pid: int | None = None  # exit when this process (the scheduler that spawned us) is gone
     worker_keys: str | None = None  # CURVE key directory (omnibus keygen); None: a plain link
     # Tensor parallelism (world_size > 1): torch.distributed's rendezvous (tcp://HOST:PORT, env://),
@@ -171,9 +171,7 @@ def build_runner(config: WorkerConfig) -> tuple[ModelRunner, protocol.WorkerHell
         join_group(config.parallel, config.dist_init_method, config.dist_backend, device, config.dist_timeout_s)
     attn_ops = attention_ops(config.attention_backend, device)
     model = shard_model(load_model(model_dir, device, dtype, config.load_format, attn_ops), config.parallel)
-    linear_backend = resolve_linear_backend(config.linear_backend, model)
-    if linear_backend == "onednn":
-        pack_linears(model)  # after sharding: it packs each rank's own slices
+    linear_backend = prepare_linears(model, config.linear_backend)  # after sharding: each rank's own slices
     elementwise_isa = None
     if config.attention_backend != "torch":  # `torch` is the plain reference throughout
         elementwise_isa = use_fused_cpu_ops(model)  # float32 CPU models only; elsewhere the torch ops stay

@@ -15,6 +15,7 @@
 
 #include "elementwise.h"
 #include "cpu_features.h"
+#include "isa_choice.h"
 
 namespace omnibus_cpu {
 namespace {
@@ -23,17 +24,8 @@ namespace {
 // costs more than the work (one decode token's norm is 576 floats).
 constexpr int64_t kMinElementsPerTask = 32768;
 
-// "" is the best build this CPU runs.
 const ElementwiseKernels& kernels_for(c10::string_view isa) {
-  if (isa == "avx512" || (isa.empty() && cpu_has_avx512())) {
-    TORCH_CHECK(cpu_has_avx512(), "this CPU has no AVX-512 (F/BW/VL/DQ)");
-    return kElementwiseAvx512;
-  }
-  if (isa == "avx2" || isa.empty()) {
-    TORCH_CHECK(cpu_has_avx2(), "this CPU has no AVX2 + FMA");
-    return kElementwiseAvx2;
-  }
-  TORCH_CHECK(false, "unknown isa '", isa, "' (avx512, avx2 or empty for the best)");
+  return table_for_isa(std::string_view(isa.data(), isa.size()), kElementwiseAvx512, kElementwiseAvx2);
 }
 
 // A [tokens, features] float32 CPU tensor whose features are contiguous.

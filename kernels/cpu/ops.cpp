@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "block_linear_binding.h"
 #include "cpu_features.h"
 
 namespace omnibus_cpu {
@@ -256,4 +257,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_isas", &omnibus_cpu::supported_isas, "ISA builds this CPU can run, best first");
   m.def("paged_attention", &omnibus_cpu::paged_attention, "paged attention over a varlen batch");
   m.def("write_kv", &omnibus_cpu::write_kv, "store K/V rows at their slots (slot < 0 skipped)");
+  m.def("block_linear", &omnibus_cpu::block_linear, "x w^T (+ bias) for a few rows, w in Q4_1 / Q8_0 blocks",
+        pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("scale"), pybind11::arg("min"), pybind11::arg("bias"),
+        pybind11::arg("format"), pybind11::arg("isa") = "");
 }
