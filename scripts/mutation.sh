@@ -16,13 +16,13 @@ ROOT=$PWD
 VENV=$ROOT/${OMNIBUS_VENV:-.venv}
 MUTMUT_VERSION=3.8.1
 JOBS=${MUTATION_JOBS:-$(nproc)}
-ALL="block_hash block_manager request_queue fair_share length_forecast sampler logits_processing input_batch reference int8_kv scheduler detokenizer parallel_config worker_group"
+ALL="block_hash block_manager request_queue fair_share length_forecast sampler logits_processing input_batch reference int8_kv cpu_block_linear scheduler detokenizer parallel_config worker_group"
 
 source_of() {
     case $1 in
         block_hash | block_manager | request_queue | fair_share | length_forecast | scheduler | detokenizer | worker_group)
             echo "scheduler_svc/$1.py" ;;
-        sampler | logits_processing | input_batch | parallel_config) echo "worker_svc/$1.py" ;;
+        sampler | logits_processing | input_batch | parallel_config | cpu_block_linear) echo "worker_svc/$1.py" ;;
         reference | int8_kv) echo "kernels/$1.py" ;;
         *) echo "unknown module $1 (one of: $ALL)" >&2; return 1 ;;
     esac
@@ -46,6 +46,7 @@ tests_of() {  # the fast unit tests that cover a module (never the model-loading
         worker_group) echo tests/test_worker_group.py tests/test_tensor_parallel_group.py tests/test_worker_resume.py ;;
         reference) echo tests/test_reference_kernels.py tests/test_reference_kernel_edges.py ;;
         int8_kv) echo tests/test_int8_kv_cache.py ;;
+        cpu_block_linear) echo tests/test_cpu_block_linear.py ;;
     esac
 }
 
