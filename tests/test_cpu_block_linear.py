@@ -8,6 +8,8 @@ float32 weights back bit for bit, or not be used at all.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -91,6 +93,16 @@ def test_weights_that_are_not_blocks_stay_dense(seed):
     poisoned[0, 0] = float("nan")
     assert exact_blocks(poisoned) is None
     assert exact_blocks(torch.randn(8, 64, generator=generator).double()) is None
+    for shape in [(64,), (2, 4, 32), (0, 32)]:  # not a matrix, or an empty one
+        assert exact_blocks(torch.zeros(shape)) is None
+
+
+def test_near_constant_blocks_whose_scale_underflows_are_refused(seed):
+    """(max - min) / 15 below float16's smallest subnormal rounds d to 0: not Q4_1 blocks."""
+    weight = torch.zeros(2, 32)
+    weight[1, 5] = 1e-9
+    assert exact_blocks(weight[:1]) is not None  # all-zero: d = 0 is exact
+    assert exact_blocks(weight) is None
 
 
 @pytest.mark.parametrize("fmt", [Q4_1, Q8_0])
@@ -155,18 +167,21 @@ def test_block_linear_runs_small_batches_on_blocks_and_large_ones_dense(extensio
 
     class Spy:
         def block_linear(self, *args):
-            calls.append(args[0].shape[0])
+            calls.append((args[0].shape[0], args[-1]))
             return real(*args)
 
     layer.extension = Spy()
-    for rows in (1, MAX_BLOCK_ROWS, MAX_BLOCK_ROWS + 1, 40):
+    layer.isa = "avx2" if "avx2" in extension.supported_isas() else layer.isa
+    for rows in (0, 1, MAX_BLOCK_ROWS, MAX_BLOCK_ROWS + 1, 40):
         x = torch.randn(rows, 64, generator=generator)
         expected = x.double() @ dense.weight.double().t() + dense.bias.double() if not pack else None
         y = layer(x)
         if expected is not None:
             torch.testing.assert_close(y, expected.float(), rtol=1e-5, atol=1e-5)
         assert y.shape == (rows, 40)
-    assert calls == [1, MAX_BLOCK_ROWS]
+    assert calls == [(1, layer.isa), (MAX_BLOCK_ROWS, layer.isa)]
+    # The blocks are derived from the weights, not checkpoint state.
+    assert set(layer.state_dict()) == {f"dense.{name}" for name in layer.dense.state_dict()}
 
 
 def exact_block_model(name: str, seed: int):
@@ -182,12 +197,15 @@ def exact_block_model(name: str, seed: int):
     return model
 
 
-def test_use_block_weights_wraps_exactly_the_linears_that_are_blocks(extension, seed):
+def test_use_block_weights_wraps_exactly_the_linears_that_are_blocks(extension, seed, caplog):
     model = exact_block_model("qwen2-untied", seed)
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     aligned = sum(m.weight.shape[1] % 32 == 0 for m in linears)
     assert 0 < aligned
-    assert use_block_weights(model, extension.supported_isas()[0]) == (aligned, len(linears))
+    with caplog.at_level(logging.INFO, logger="worker_svc.cpu_block_linear"):
+        assert use_block_weights(model, extension.supported_isas()[0]) == (aligned, len(linears))
+    assert f"block weights: {aligned} of {len(linears)} linears run batches of up to {MAX_BLOCK_ROWS} rows" \
+        in caplog.text
     plain = random_model("qwen2-untied", seed)
     assert use_block_weights(plain, extension.supported_isas()[0]) == (0, len(linears))
 

@@ -71,8 +71,9 @@ def _q4_1(blocks: torch.Tensor) -> BlockWeights:
     # both stored as float16. So the dequantized block's minimum is min and its maximum d * 15 + min.
     low = blocks.amin(-1, keepdim=True)
     scale = ((blocks.amax(-1, keepdim=True) - low) / 15).half().float()
-    q = torch.where(scale > 0, (blocks - low) / torch.where(scale > 0, scale, 1), 0).round().clamp(0, 15)
-    q = q.to(torch.uint8)
+    # A constant block has d = 0: 0 / 0 gives q = 0 (any q would do). The clamp keeps the packing
+    # in range for blocks that are not Q4_1 at all, which the caller's check then refuses.
+    q = ((blocks - low) / scale).nan_to_num(0.0).round().clamp(0, 15).to(torch.uint8)
     packed = q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4)
     return BlockWeights(Q4_1, packed.reshape(blocks.shape[0], -1).contiguous(), scale.squeeze(-1).contiguous(),
                         low.squeeze(-1).contiguous())
@@ -81,7 +82,7 @@ def _q4_1(blocks: torch.Tensor) -> BlockWeights:
 def _q8_0(blocks: torch.Tensor) -> BlockWeights:
     # llama.cpp: d = max |w| / 127 as float16, q = round(w / d): the largest magnitude is d * 127.
     scale = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
-    q = torch.where(scale > 0, blocks / torch.where(scale > 0, scale, 1), 0).round().clamp(-127, 127)
+    q = (blocks / scale).nan_to_num(0.0).round().clamp(-127, 127)  # an all-zero block: d = 0, q = 0
     return BlockWeights(Q8_0, q.to(torch.int8).reshape(blocks.shape[0], -1).contiguous(),
                         scale.squeeze(-1).contiguous(), None)
 
