@@ -95,10 +95,17 @@ class StopStringMatcher:
 
 
 class IncrementalDetokenizer:
-    """Per-request detokenizer state. Call `add_tokens` with each step's new tokens."""
+    """Per-request detokenizer state. Call `add_tokens` with each step's new tokens.
 
-    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: list[str]):
+    With `min_tokens`, a stop string that ends before the output has that many tokens does not stop
+    it (vLLM's rule: min_tokens holds back every stop condition); its text is released as usual.
+    The count is taken per `add_tokens` call, after its tokens.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int], stop: list[str], min_tokens: int = 0):
         self._tokenizer = tokenizer
+        self._min_tokens = min_tokens
+        self._num_tokens = 0
         self._stream = DecodeStream(skip_special_tokens=True)
         stop = [s for s in stop if s]
         self._matcher = StopStringMatcher(stop) if stop else None
@@ -116,6 +123,7 @@ class IncrementalDetokenizer:
             self._stream.step(self._tokenizer, token_id)
 
     def add_tokens(self, token_ids: list[int]) -> DetokenizedChunk:
+        self._num_tokens += len(token_ids)
         pieces = []
         for token_id in token_ids:
             piece = self._stream.step(self._tokenizer, token_id)
@@ -150,7 +158,7 @@ class IncrementalDetokenizer:
             return DetokenizedChunk(text, stopped=False)
         start = self._matcher.feed(new_text)
         held = self._held + new_text
-        if start is not None:
+        if start is not None and self._num_tokens >= self._min_tokens:
             # The held text is exactly the matcher's partial match before this feed.
             text, self._held = held[: len(self._held) + start], ""
             return DetokenizedChunk(text, stopped=True)

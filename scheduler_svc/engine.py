@@ -210,7 +210,8 @@ class Engine:
             num_prompt_tokens=len(parsed.prompt_token_ids),
             submitted_step_id=self.next_step_id,
             detokenizer=IncrementalDetokenizer(
-                self.tokenizer.tokenizer, parsed.prompt_token_ids, parsed.sampling_params.stop
+                self.tokenizer.tokenizer, parsed.prompt_token_ids, parsed.sampling_params.stop,
+                parsed.sampling_params.min_tokens,
             ),
         )
         self._streams[req_id] = stream

@@ -103,6 +103,25 @@ def test_the_earliest_of_several_stops_in_one_step_wins(tiny):
     assert check_stream(tiny, [token_ids], [text], [", t", "o, "]) == " one"
 
 
+@pytest.mark.parametrize("min_tokens, before_stop", [(0, ""), (2, ""), (3, "ab."), (5, "ab."), (6, "ab.ab."),
+                                                     (9, None)])
+def test_min_tokens_holds_back_stop_strings(tiny, min_tokens, before_stop):
+    """"ab" ends at tokens 2, 5 and 8: a match counts once the output has min_tokens tokens (None:
+    no match does, and all the text is released)."""
+    detok = IncrementalDetokenizer(tiny, [], ["ab"], min_tokens)
+    streamed, stopped = "", False
+    for token_id in chars(tiny, "ab.ab.ab"):
+        chunk = detok.add_tokens([token_id])
+        streamed += chunk.text
+        if chunk.stopped:
+            stopped = True
+            break
+    if before_stop is None:
+        assert not stopped and streamed + detok.flush() == "ab.ab.ab"
+    else:
+        assert stopped and streamed == before_stop
+
+
 def test_a_stop_split_across_word_tokens(tiny):
     pieces = [" one", ", f", "o", "ur"]
     streamed = check_stream(tiny, [ids(tiny, p) for p in pieces], pieces, [", fo"])

@@ -160,6 +160,21 @@ def test_logit_bias_and_min_tokens_reach_the_sampler(server, prompts, model_dir)
     assert last.finish_reason == pb.FINISH_REASON_STOP
 
 
+def test_min_tokens_holds_back_stop_strings(server, prompts, model_dir):
+    """vLLM's rule: a stop string ending within the first min_tokens tokens does not end the output."""
+    stub = server.stub()
+    piece = ModelTokenizer(model_dir).tokenizer.decode([1234])  # " redu"; forced by the bias below
+
+    def run(min_tokens: int):
+        return collect_tokens(stub, pb.GenerateRequest(prompt_token_ids=prompts[0], sampling=pb.SamplingParams(
+            max_tokens=8, min_tokens=min_tokens, logit_bias={1234: 100.0}, stop=[piece])))
+
+    tokens, text, last = run(0)
+    assert tokens == [1234] and text == "" and last.finish_reason == pb.FINISH_REASON_STOP
+    tokens, text, last = run(3)
+    assert tokens == [1234] * 3 and text == piece * 2 and last.finish_reason == pb.FINISH_REASON_STOP
+
+
 def _samples(stub, request) -> tuple[dict[int, list[int]], dict[int, pb.Usage]]:
     tokens: dict[int, list[int]] = {}
     usage: dict[int, pb.Usage] = {}
