@@ -33,6 +33,7 @@ pytestmark = pytest.mark.skipif(ENVOY is None, reason="no envoy binary: install 
 
 PROMPT = [1, 504, 3458, 282]
 NUM_KV_BLOCKS = 256
+IN_FLIGHT_TOKENS = 400  # the draining replica's stream (test_drain_takes_a_replica_out_...)
 
 
 def validate(config_path) -> subprocess.CompletedProcess:
@@ -205,7 +206,10 @@ def wait_for_a_health_check(envoy) -> None:
 def test_drain_takes_a_replica_out_while_its_stream_finishes(replicas, envoy, channel):
     """Runs last: it drains both servers."""
     stub = pb_grpc.GenerationStub(channel)
-    call, first, d = open_stream(stub, replicas, max_tokens=40)
+    # The stream must still be in flight when the drain begins, a health-check round and a few
+    # stream openings later: at one sequence a CPU step is ~16 ms (block weights), so 40 tokens
+    # could end first and the drain would find nothing to wait for.
+    call, first, d = open_stream(stub, replicas, max_tokens=IN_FLIGHT_TOKENS)
     draining, busy = replicas[d], replicas[1 - d]
     # Load the other replica with two streams, so that least-request prefers the draining one.
     loads = [open_stream(stub, replicas, max_tokens=300) for _ in range(2)]
@@ -235,7 +239,8 @@ def test_drain_takes_a_replica_out_while_its_stream_finishes(replicas, envoy, ch
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
 
     rest = list(call)  # in flight on the draining replica since before the drain began
-    assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == 40
-    assert rest[-1].usage.completion_tokens == 40 and rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert len(first.token_ids) + sum(len(r.token_ids) for r in rest) == IN_FLIGHT_TOKENS
+    assert rest[-1].usage.completion_tokens == IN_FLIGHT_TOKENS
+    assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
     drain.result(60)
     assert draining.processes[0].wait(30) == 0, "the drained server's worker should exit cleanly"
