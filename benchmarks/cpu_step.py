@@ -44,7 +44,7 @@ from kernels import int8_kv
 from kernels.reference import AttentionOps
 from worker_svc.attention_metadata import AttentionMetadata
 from worker_svc.cpu_fused_ops import sampler_argmax, use_fused_cpu_ops
-from worker_svc.cpu_block_linear import MAX_BLOCK_ROWS, Q4_1, BlockLinear
+from worker_svc.cpu_block_linear import MAX_BLOCK_ROWS, BlockLinear
 from worker_svc.cpu_linear import PackedLinear, prepare_linears
 from worker_svc.model_store import load_model, prepare_model
 from worker_svc.models.llama import LlamaForCausalLM
@@ -185,7 +185,7 @@ def gemm_calls(model: LlamaForCausalLM, rows: int, generator: torch.Generator) -
     }
     blocks = model_block_linears(model)
     if rows <= MAX_BLOCK_ROWS and len(blocks) == len(shapes):
-        calls["blocks"] = lambda: [b(inputs[b.q.shape[1] * (2 if b.format == Q4_1 else 1)]) for b in blocks]
+        calls["blocks"] = lambda: [b(inputs[b.in_features]) for b in blocks]
     return calls
 
 

@@ -94,6 +94,7 @@ class BlockLinear(nn.Module):
     def __init__(self, dense: Linear, blocks: BlockWeights, extension, isa: str):
         super().__init__()
         self.dense = dense
+        self.in_features = dense.weight.shape[1]
         self.format = blocks.format
         self.register_buffer("q", blocks.q, persistent=False)
         self.register_buffer("scale", blocks.scale, persistent=False)

@@ -34,11 +34,11 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& q, const at::Tens
   TORCH_CHECK(rows >= 1 && rows <= kMaxBlockRows, "x must have 1 to ", kMaxBlockRows, " rows");
   TORCH_CHECK(in_features > 0 && in_features % kQuantBlock == 0, "in_features must be a multiple of 32");
   const bool q4 = format == kQ4_1;
-  const int64_t out_features = q.size(0);
   TORCH_CHECK(q.device().is_cpu() && q.is_contiguous() && q.dim() == 2 &&
                   q.scalar_type() == (q4 ? at::kByte : at::kChar) && q.size(1) == (q4 ? in_features / 2 : in_features),
               q4 ? "Q4_1 q must be a contiguous uint8 [out_features, in_features / 2] tensor"
                  : "Q8_0 q must be a contiguous int8 [out_features, in_features] tensor");
+  const int64_t out_features = q.size(0);
   check_table(scale, "scale", out_features, in_features / kQuantBlock);
   TORCH_CHECK(min.has_value() == q4, q4 ? "Q4_1 needs min" : "Q8_0 takes no min");
   if (q4) check_table(*min, "min", out_features, in_features / kQuantBlock);
